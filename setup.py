@@ -1,0 +1,26 @@
+"""torch_fwd: forward-mode automatic differentiation for PyTorch.
+
+`rules/` and `triton_kernels/` live at the repository root (see docs/design.md) but are
+installed as `torch_fwd.rules` and `torch_fwd.triton_kernels`, never as top-level names.
+"""
+from setuptools import setup
+
+setup(
+    name="torch_fwd",
+    version="0.1.0",
+    description="Forward-mode automatic differentiation for PyTorch: chunked JVPs, "
+    "one rule table for an fx graph pass and an eager Dual tensor.",
+    python_requires=">=3.10",
+    packages=["torch_fwd", "torch_fwd.rules", "torch_fwd.triton_kernels"],
+    package_dir={
+        "torch_fwd": "torch_fwd",
+        "torch_fwd.rules": "rules",
+        "torch_fwd.triton_kernels": "triton_kernels",
+    },
+    # 2.13.0's CPU build is what CI installs first (.ci/run); any later 2.x is accepted.
+    install_requires=["torch>=2.13.0"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3", "numpy"],
+        "bench": ["numpy", "matplotlib"],
+    },
+)
