@@ -1,0 +1,283 @@
+"""Elementwise math: unary and binary ops, activations, comparisons (zero derivative).
+
+Each rule is one line through ``unary`` (dy = f'(x) dx, f' may reuse y), ``elementwise``
+(a partial per argument, broadcasting handled), ``zero`` or ``linear``. Derivatives at
+kinks follow PyTorch's conventions (relu'(0) = 0, clamp at the boundary passes, ties of
+maximum split the tangent) so that the two oracles agree.
+"""
+import math
+
+import torch
+
+from torch_fwd.combinators import elementwise, linear, unary, zero
+from torch_fwd.registry import library_rule
+from torch_fwd.tangent import align, tadd
+
+from ._cases import case, rand, randn
+
+aten = torch.ops.aten
+
+
+def reg(op, rule):
+    library_rule(op)(rule)
+
+
+def _f(mask, like):
+    return mask.to(like.dtype)
+
+
+# ---- unary: dy = f'(x, y) dx ----------------------------------------------------------
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _gelu_deriv(x, y, approximate="none"):
+    if approximate == "tanh":
+        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+        th = torch.tanh(inner)
+        return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+    return 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0)))) + x * _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
+
+
+def _silu_deriv(x, y):
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+UNARY = {
+    aten.abs.default: lambda x, y: torch.sign(x),
+    aten.sin.default: lambda x, y: torch.cos(x),
+    aten.cos.default: lambda x, y: -torch.sin(x),
+    aten.tan.default: lambda x, y: 1 + y * y,
+    aten.exp.default: lambda x, y: y,
+    aten.exp2.default: lambda x, y: y * math.log(2.0),
+    aten.expm1.default: lambda x, y: y + 1,
+    aten.log.default: lambda x, y: x.reciprocal(),
+    aten.log2.default: lambda x, y: (x * math.log(2.0)).reciprocal(),
+    aten.log10.default: lambda x, y: (x * math.log(10.0)).reciprocal(),
+    aten.log1p.default: lambda x, y: (1 + x).reciprocal(),
+    aten.sqrt.default: lambda x, y: 0.5 / y,
+    aten.rsqrt.default: lambda x, y: -0.5 * y * y * y,
+    aten.reciprocal.default: lambda x, y: -y * y,
+    aten.tanh.default: lambda x, y: 1 - y * y,
+    aten.sigmoid.default: lambda x, y: y * (1 - y),
+    aten.relu.default: lambda x, y: _f(x > 0, x),
+    aten.gelu.default: _gelu_deriv,
+    aten.silu.default: _silu_deriv,
+    aten.softplus.default: lambda x, y, beta, threshold: torch.where(
+        x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta)),
+    aten.elu.default: lambda x, y, alpha, scale, input_scale: torch.where(
+        x > 0, torch.full_like(x, float(scale)), alpha * scale * input_scale * torch.exp(x * input_scale)),
+    aten.leaky_relu.default: lambda x, y, slope: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, float(slope))),
+    aten.hardtanh.default: lambda x, y, lo, hi: _f((x > lo) & (x < hi), x),
+    aten.hardsigmoid.default: lambda x, y: _f((x > -3) & (x < 3), x) / 6,
+    aten.hardswish.default: lambda x, y: torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, (2 * x + 3) / 6, torch.ones_like(x))),
+    aten.erf.default: lambda x, y: (2 / math.sqrt(math.pi)) * torch.exp(-x * x),
+    aten.erfc.default: lambda x, y: (-2 / math.sqrt(math.pi)) * torch.exp(-x * x),
+    aten.erfinv.default: lambda x, y: (math.sqrt(math.pi) / 2) * torch.exp(y * y),
+    aten.asin.default: lambda x, y: torch.rsqrt(1 - x * x),
+    aten.acos.default: lambda x, y: -torch.rsqrt(1 - x * x),
+    aten.atan.default: lambda x, y: (1 + x * x).reciprocal(),
+    aten.sinh.default: lambda x, y: torch.cosh(x),
+    aten.cosh.default: lambda x, y: torch.sinh(x),
+    aten.asinh.default: lambda x, y: torch.rsqrt(x * x + 1),
+    aten.acosh.default: lambda x, y: torch.rsqrt(x * x - 1),
+    aten.atanh.default: lambda x, y: (1 - x * x).reciprocal(),
+    aten.lgamma.default: lambda x, y: torch.digamma(x),
+    aten.digamma.default: lambda x, y: torch.polygamma(1, x),
+    aten.frac.default: lambda x, y: torch.ones_like(x),
+    aten.nan_to_num.default: lambda x, y, *a: _f(torch.isfinite(x), x),
+    aten.clamp.default: lambda x, y, lo=None, hi=None: _f(
+        (x >= lo if lo is not None else torch.ones_like(x, dtype=torch.bool))
+        & (x <= hi if hi is not None else torch.ones_like(x, dtype=torch.bool)), x),
+    aten.clamp_min.default: lambda x, y, lo: _f(x >= lo, x),
+    aten.clamp_max.default: lambda x, y, hi: _f(x <= hi, x),
+    aten.pow.Tensor_Scalar: lambda x, y, e: torch.zeros_like(x) if e == 0 else e * torch.pow(x, e - 1),
+    aten.logit.default: lambda x, y, eps=None: (x * (1 - x)).reciprocal() if eps is None
+        else torch.where((x < eps) | (x > 1 - eps), torch.zeros_like(x), (x * (1 - x)).reciprocal()),
+}
+for _op, _d in UNARY.items():
+    reg(_op, unary(_op, _d))
+
+reg(aten.polygamma.default, elementwise(aten.polygamma.default, None, lambda n, x, y: torch.polygamma(n + 1, x)))
+reg(aten.log_sigmoid_forward.default, lambda p, t: (lambda out: (out, (None if t[0] is None else t[0] * torch.sigmoid(-p[0]), None)))(aten.log_sigmoid_forward.default(p[0])))
+
+# ---- zero derivative: piecewise constant or non-floating results ------------------------
+ZERO = [
+    aten.sign.default, aten.sgn.default, aten.floor.default, aten.ceil.default, aten.round.default,
+    aten.round.decimals, aten.trunc.default, aten.heaviside.default, aten.floor_divide.default,
+    aten.div.Tensor_mode, aten.div.Scalar_mode, aten.signbit.default,
+    aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar,
+    aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
+    aten.logical_not.default, aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default,
+    aten.isnan.default, aten.isinf.default, aten.isposinf.default, aten.isneginf.default,
+]
+for _op in ZERO:
+    reg(_op, zero(_op))
+
+# div with a rounding mode is piecewise constant only when a mode is given.
+def _div_mode(p, t):
+    if p[2] is None:
+        return _div_tensor(p[:2], t[:2])
+    return aten.div.Tensor_mode(*p[:2], rounding_mode=p[2]), None
+
+
+reg(aten.div.Tensor_mode, _div_mode)
+
+# ---- binary -----------------------------------------------------------------------------
+_div_tensor = elementwise(aten.div.Tensor, lambda a, b, y: 1 / b if isinstance(b, torch.Tensor) else 1.0 / b,
+                          lambda a, b, y: -y / b)
+reg(aten.div.Tensor, _div_tensor)
+reg(aten.mul.Tensor, elementwise(aten.mul.Tensor, lambda a, b, y: b, lambda a, b, y: a))
+reg(aten.mul.Scalar, linear(aten.mul.Scalar, lambda t, x, s: t * s))
+reg(aten.div.Scalar, linear(aten.div.Scalar, lambda t, x, s: t / s))
+reg(aten.neg.default, linear(aten.neg.default, lambda t, x: -t))
+
+
+def _add_like(sign):
+    def make(op):
+        def rule(p, t):
+            y = op(p[0], p[1], alpha=p[2])
+            tb = t[1]
+            if tb is not None:
+                tb = tb * (sign * p[2]) if (sign * p[2]) != 1 else tb
+            out = tadd(t[0], tb)
+            return y, out
+        return rule
+    return make
+
+
+reg(aten.add.Tensor, _add_like(1)(aten.add.Tensor))
+reg(aten.sub.Tensor, _add_like(-1)(aten.sub.Tensor))
+reg(aten.add.Scalar, linear(aten.add.Scalar, lambda t, *a: t))
+reg(aten.sub.Scalar, linear(aten.sub.Scalar, lambda t, *a: t))
+reg(aten.rsub.Scalar, linear(aten.rsub.Scalar, lambda t, x, s, alpha: -alpha * t))
+reg(aten.rsub.Tensor, lambda p, t: (aten.rsub.Tensor(p[0], p[1], alpha=p[2]),
+                                   tadd(None if t[0] is None else -p[2] * t[0], t[1])))
+
+
+def _where(p, t):
+    cond, a, b = p
+    y = torch.where(cond, a, b)
+    ta, tb = t[1], t[2]
+    if ta is None and tb is None:
+        return y, None
+    nd = y.dim()
+    ta = align(ta, nd) if ta is not None else torch.zeros((), dtype=y.dtype, device=y.device)
+    tb = align(tb, nd) if tb is not None else torch.zeros((), dtype=y.dtype, device=y.device)
+    return y, torch.where(cond, ta, tb)
+
+
+reg(aten.where.self, _where)
+
+
+def _pow_base_deriv(x, e, y):
+    return torch.where(e == 0, torch.zeros_like(y), e * torch.pow(x, e - 1))
+
+
+def _pow_exp_deriv(x, e, y):
+    # PyTorch's convention: 0 where the base is 0 and the exponent non-negative.
+    return torch.where((x == 0) & (e >= 0), torch.zeros_like(y), y * torch.log(x))
+
+
+reg(aten.pow.Tensor_Tensor, elementwise(aten.pow.Tensor_Tensor, _pow_base_deriv, _pow_exp_deriv))
+reg(aten.pow.Scalar, elementwise(aten.pow.Scalar, None, lambda s, e, y: y * math.log(s) if s > 0 else
+                                 torch.where(e >= 0, torch.zeros_like(y), y * math.log(s) if s != 0 else y)))
+reg(aten.atan2.default, elementwise(aten.atan2.default, lambda a, b, y: b / (a * a + b * b),
+                                    lambda a, b, y: -a / (a * a + b * b)))
+
+
+def _tie(a, b, y):
+    return _f(a > b, y) + 0.5 * _f(a == b, y)
+
+
+reg(aten.maximum.default, elementwise(aten.maximum.default, lambda a, b, y: _tie(a, b, y), lambda a, b, y: _tie(b, a, y)))
+reg(aten.minimum.default, elementwise(aten.minimum.default, lambda a, b, y: _tie(b, a, y), lambda a, b, y: _tie(a, b, y)))
+reg(aten.fmod.Tensor, elementwise(aten.fmod.Tensor, lambda a, b, y: torch.ones_like(y), lambda a, b, y: -torch.trunc(a / b)))
+reg(aten.fmod.Scalar, linear(aten.fmod.Scalar, lambda t, *a: t))
+reg(aten.remainder.Tensor, elementwise(aten.remainder.Tensor, lambda a, b, y: torch.ones_like(y), lambda a, b, y: -torch.floor(a / b)))
+reg(aten.remainder.Scalar, linear(aten.remainder.Scalar, lambda t, *a: t))
+reg(aten.logaddexp.default, elementwise(aten.logaddexp.default, lambda a, b, y: torch.exp(a - y), lambda a, b, y: torch.exp(b - y)))
+reg(aten.hypot.default, elementwise(aten.hypot.default, lambda a, b, y: a / y, lambda a, b, y: b / y))
+reg(aten.xlogy.Tensor, elementwise(aten.xlogy.Tensor, lambda x, z, y: torch.where(x == 0, torch.zeros_like(y), torch.log(z)),
+                                   lambda x, z, y: x / z))
+reg(aten.lerp.Scalar, elementwise(aten.lerp.Scalar, lambda a, b, w, y: 1 - w, lambda a, b, w, y: w))
+reg(aten.lerp.Tensor, elementwise(aten.lerp.Tensor, lambda a, b, w, y: 1 - w, lambda a, b, w, y: w, lambda a, b, w, y: b - a))
+reg(aten.addcmul.default, elementwise(aten.addcmul.default, lambda s, a, b, v, y: torch.ones_like(y),
+                                      lambda s, a, b, v, y: v * b, lambda s, a, b, v, y: v * a))
+reg(aten.addcdiv.default, elementwise(aten.addcdiv.default, lambda s, a, b, v, y: torch.ones_like(y),
+                                      lambda s, a, b, v, y: v / b, lambda s, a, b, v, y: -v * a / (b * b)))
+
+
+def _clamp_tensor(p, t):
+    x, lo, hi = p
+    y = aten.clamp.Tensor(x, lo, hi)
+    nd = y.dim()
+    zero_ = torch.zeros((), dtype=y.dtype, device=y.device)
+    tx = align(t[0], nd) if t[0] is not None else zero_
+    out = tx
+    if lo is not None:
+        out = torch.where(x < lo, align(t[1], nd) if t[1] is not None else zero_, out)
+    if hi is not None:
+        out = torch.where(x > hi, align(t[2], nd) if t[2] is not None else zero_, out)
+    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        return y, None
+    return y, out
+
+
+reg(aten.clamp.Tensor, _clamp_tensor)
+
+# ---- test cases ---------------------------------------------------------------------------
+F = torch.nn.functional
+TEST_CASES = [
+    case(name, fn, lambda: (randn(3, 4),)) for name, fn in [
+        ("sin", torch.sin), ("cos", torch.cos), ("tan", lambda x: torch.tan(x * 0.3)), ("exp", torch.exp),
+        ("exp2", torch.exp2), ("expm1", torch.expm1), ("tanh", torch.tanh), ("sigmoid", torch.sigmoid),
+        ("relu", torch.relu), ("gelu", F.gelu), ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")),
+        ("silu", F.silu), ("softplus", lambda x: F.softplus(x, beta=2.0, threshold=1.5)), ("elu", F.elu),
+        ("selu", F.selu), ("celu", lambda x: F.celu(x, 0.7)), ("leaky_relu", lambda x: F.leaky_relu(x, 0.1)),
+        ("hardtanh", lambda x: F.hardtanh(x, -0.5, 0.5)), ("hardswish", F.hardswish), ("hardsigmoid", F.hardsigmoid),
+        ("erf", torch.erf), ("erfc", torch.erfc), ("atan", torch.atan), ("sinh", torch.sinh), ("cosh", torch.cosh),
+        ("asinh", torch.asinh), ("abs", torch.abs), ("neg", torch.neg), ("frac", torch.frac),
+        ("sign", torch.sign), ("floor", torch.floor), ("ceil", torch.ceil), ("round", torch.round), ("trunc", torch.trunc),
+        ("clamp", lambda x: torch.clamp(x, -0.5, 0.7)), ("clamp_min", lambda x: torch.clamp(x, min=-0.2)),
+        ("pow_scalar", lambda x: x ** 3), ("pow_zero", lambda x: x ** 0), ("square", torch.square),
+        ("logsigmoid", F.logsigmoid), ("mish", F.mish), ("softsign", F.softsign), ("nan_to_num", torch.nan_to_num),
+        ("scalar_ops", lambda x: (2.0 - x) * 3.0 / 4.0 + 1.0 - x.div(2.0)),
+        ("comparisons", lambda x: (x > 0).to(x.dtype) * x + (x == x).sum()),
+    ]
+] + [
+    case(name, fn, lambda: (randn(3, 4, positive=True),)) for name, fn in [
+        ("log", torch.log), ("log2", torch.log2), ("log10", torch.log10), ("log1p", torch.log1p),
+        ("sqrt", torch.sqrt), ("rsqrt", torch.rsqrt), ("reciprocal", torch.reciprocal),
+        ("lgamma", torch.lgamma), ("digamma", torch.digamma), ("polygamma", lambda x: torch.polygamma(2, x)),
+        ("acosh", lambda x: torch.acosh(x + 1.0)), ("pow_frac", lambda x: x ** 1.7), ("rpow", lambda x: 2.5 ** x),
+    ]
+] + [
+    case(name, fn, lambda: (rand(3, 4, lo=-0.9, hi=0.9),)) for name, fn in [
+        ("asin", torch.asin), ("acos", torch.acos), ("atanh", torch.atanh), ("erfinv", torch.erfinv),
+        ("logit", lambda x: torch.logit(x.abs() + 0.05)), ("logit_eps", lambda x: torch.logit(x.abs(), eps=0.1)),
+    ]
+] + [
+    case(name, fn, lambda: (randn(3, 1), randn(4))) for name, fn in [
+        ("add_bcast", lambda a, b: a + b), ("sub_alpha", lambda a, b: torch.sub(a, b, alpha=2.0)),
+        ("mul_bcast", lambda a, b: a * b), ("div_bcast", lambda a, b: a / (b.abs() + 1)),
+        ("rsub", lambda a, b: torch.rsub(a, b, alpha=1.5)), ("atan2", torch.atan2), ("maximum", torch.maximum),
+        ("minimum", torch.minimum), ("hypot", torch.hypot), ("logaddexp", torch.logaddexp),
+        ("where", lambda a, b: torch.where(a > b, a * 2, b)), ("where_one_side", lambda a, b: torch.where(a > 0, a, 0.0)),
+        ("fmod", lambda a, b: torch.fmod(a, b.abs() + 0.5)), ("remainder", lambda a, b: torch.remainder(a, b.abs() + 0.5)),
+        ("div_floor", lambda a, b: torch.div(a, b.abs() + 1, rounding_mode="floor") + a),
+        ("floor_divide", lambda a, b: torch.floor_divide(a, b.abs() + 1) + b),
+        ("heaviside", lambda a, b: torch.heaviside(a, b) * b),
+        ("clamp_tensor", lambda a, b: torch.clamp(a, min=b - 0.3, max=b + 0.3)),
+        ("lerp", lambda a, b: torch.lerp(a, b, 0.3)), ("lerp_tensor", lambda a, b: torch.lerp(a, b, torch.sigmoid(a))),
+        ("addcmul", lambda a, b: torch.addcmul(a, a, b, value=0.5)),
+        ("addcdiv", lambda a, b: torch.addcdiv(a, a, b.abs() + 1, value=0.5)),
+    ]
+] + [
+    case("pow_tensor", lambda a, b: a ** b, lambda: (randn(3, 4, positive=True), randn(3, 4))),
+    case("xlogy", torch.xlogy, lambda: (randn(3, 4), randn(3, 4, positive=True))),
+    case("scalar_tensor_mix", lambda a, b: a * b + b.exp(), lambda: (randn(), randn(2, 3))),
+    case("maximum_ties", lambda a: torch.maximum(a, a.detach()), lambda: (randn(5),),
+         check_torch_func=True),
+]

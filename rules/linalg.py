@@ -1,0 +1,248 @@
+"""Matmul family (bilinear) and dense linear algebra.
+
+``matmul``, ``linear`` and ``einsum`` decompose (CompositeImplicitAutograd) into the ops
+below before either path sees them, so their rules are these. A product against an
+inactive operand's (zero) tangent is never formed: that is the activity analysis at work.
+"""
+import torch
+
+from torch_fwd.registry import call_op, library_rule
+from torch_fwd.tangent import tadd
+
+from ._cases import case, randn
+
+aten = torch.ops.aten
+
+
+def reg(op, rule):
+    library_rule(op)(rule)
+
+
+def _left(a, tb):
+    """a @ tb for a chunked tb (K, ..., n, p), as one matmul against a folded operand."""
+    return torch.matmul(tb.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
+
+
+def _mm_tangent(a, b, ta, tb):
+    out = None
+    if ta is not None:
+        out = torch.matmul(ta, b)
+    if tb is not None:
+        out = tadd(out, _left(a, tb))
+    return out
+
+
+def _mm(p, t):
+    a, b = p
+    return aten.mm.default(a, b), _mm_tangent(a, b, t[0], t[1])
+
+
+def _bmm(p, t):
+    a, b = p
+    return aten.bmm.default(a, b), _mm_tangent(a, b, t[0], t[1])
+
+
+def _scaled(t, s):
+    return None if t is None else (t if s == 1 else t * s)
+
+
+def _addmm(op):
+    def rule(p, t):
+        bias, a, b, beta, alpha = p
+        y = call_op(op, p)
+        return y, tadd(_scaled(t[0], beta), _scaled(_mm_tangent(a, b, t[1], t[2]), alpha))
+    return rule
+
+
+reg(aten.mm.default, _mm)
+reg(aten.bmm.default, _bmm)
+reg(aten.addmm.default, _addmm(aten.addmm.default))
+reg(aten.baddbmm.default, _addmm(aten.baddbmm.default))
+reg(aten.dot.default, lambda p, t: (aten.dot.default(*p), tadd(None if t[0] is None else (t[0] * p[1]).sum(-1),
+                                                             None if t[1] is None else (p[0] * t[1]).sum(-1))))
+reg(aten.mv.default, lambda p, t: (aten.mv.default(*p), tadd(None if t[0] is None else torch.matmul(t[0], p[1]),
+                                                           None if t[1] is None else torch.matmul(t[1], p[0].T))))
+reg(aten.outer.default, lambda p, t: (aten.outer.default(*p), tadd(
+    None if t[0] is None else t[0].unsqueeze(-1) * p[1], None if t[1] is None else p[0].unsqueeze(-1) * t[1].unsqueeze(-2))))
+
+
+def _sym_tri(x, upper):
+    """The part of a triangular matrix's tangent the op reads."""
+    return x.triu() if upper else x.tril()
+
+
+def _cholesky_tangent(L, tA):
+    # dL = L Phi(L^-1 dA L^-T), Phi: lower triangle with the diagonal halved.
+    X = torch.linalg.solve_triangular(L, tA, upper=False)
+    X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
+    phi = X.tril(-1) + 0.5 * torch.diag_embed(X.diagonal(dim1=-2, dim2=-1))
+    return L @ phi
+
+
+def _cholesky_ex(p, t):
+    A, upper, check = p
+    L, info = aten.linalg_cholesky_ex.default(A, upper, check)
+    if t[0] is None:
+        return (L, info), None
+    low = L.mT if upper else L
+    tA = 0.5 * (t[0] + t[0].mT)  # the op reads a symmetric matrix
+    tl = _cholesky_tangent(low, tA)
+    return (L, info), (tl.mT if upper else tl, None)
+
+
+def _cholesky(p, t):
+    A, upper = p
+    L = aten.cholesky.default(A, upper)
+    if t[0] is None:
+        return L, None
+    low = L.mT if upper else L
+    tl = _cholesky_tangent(low, 0.5 * (t[0] + t[0].mT))
+    return L, tl.mT if upper else tl
+
+
+reg(aten.linalg_cholesky_ex.default, _cholesky_ex)
+reg(aten.cholesky.default, _cholesky)
+
+
+def _solve_triangular(p, t):
+    A, B, upper, left, unitriangular = p
+    X = aten.linalg_solve_triangular.default(A, B, upper=upper, left=left, unitriangular=unitriangular)
+    tA, tB = t[0], t[1]
+    if tA is None and tB is None:
+        return X, None
+    rhs = tB
+    if tA is not None:
+        tA = _sym_tri(tA, upper)
+        if unitriangular:
+            tA = tA - torch.diag_embed(tA.diagonal(dim1=-2, dim2=-1))
+        rhs = tadd(rhs, -(tA @ X) if left else -(X @ tA))
+    return X, torch.linalg.solve_triangular(A, rhs, upper=upper, left=left, unitriangular=unitriangular)
+
+
+reg(aten.linalg_solve_triangular.default, _solve_triangular)
+
+
+def _cholesky_solve(p, t):
+    B, L, upper = p
+    X = aten.cholesky_solve.default(B, L, upper)
+    tB, tL = t[0], t[1]
+    if tB is None and tL is None:
+        return X, None
+    rhs = tB
+    if tL is not None:
+        tL = _sym_tri(tL, upper)
+        # A = L L^T (or U^T U); dA = dL L^T + L dL^T
+        dA = tL @ L.mT + L @ tL.mT if not upper else tL.mT @ L + L.mT @ tL
+        rhs = tadd(rhs, -(dA @ X))
+    return X, torch.cholesky_solve(rhs, L.expand(rhs.shape[:-2] + L.shape[-2:]) if rhs.dim() > L.dim() else L, upper)
+
+
+reg(aten.cholesky_solve.default, _cholesky_solve)
+
+
+def _is_vector_rhs(A, B):
+    return B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
+
+
+def _linalg_solve_ex(p, t):
+    A, B, left, check = p
+    X, LU, pivots, info = aten._linalg_solve_ex.default(A, B, left=left, check_errors=check)
+    tA, tB = t[0], t[1]
+    outs = (X, LU, pivots, info)
+    if tA is None and tB is None:
+        return outs, None
+    vec = _is_vector_rhs(A, B)
+    Xm = X.unsqueeze(-1) if vec else X
+    rhs = None if tB is None else (tB.unsqueeze(-1) if vec else tB)
+    if tA is not None:
+        rhs = tadd(rhs, -(tA @ Xm) if left else -(Xm @ tA))
+    if left:
+        tX = torch.linalg.lu_solve(LU, pivots, rhs)
+    else:
+        tX = torch.linalg.lu_solve(LU, pivots, rhs, left=False)
+    return outs, (tX.squeeze(-1) if vec else tX, None, None, None)
+
+
+reg(aten._linalg_solve_ex.default, _linalg_solve_ex)
+
+
+def _inv_ex(p, t):
+    A, check = p
+    Ainv, info = aten.linalg_inv_ex.default(A, check_errors=check)
+    if t[0] is None:
+        return (Ainv, info), None
+    return (Ainv, info), (-(Ainv @ t[0] @ Ainv), None)
+
+
+reg(aten.linalg_inv_ex.default, _inv_ex)
+
+
+def _trace_solve(LU, pivots, tA):
+    return torch.linalg.lu_solve(LU, pivots, tA).diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _slogdet(p, t):
+    A = p[0]
+    sign, logabs, LU, pivots = aten._linalg_slogdet.default(A)
+    outs = (sign, logabs, LU, pivots)
+    if t[0] is None:
+        return outs, None
+    if A.is_complex():
+        return _fallback_complex("slogdet")
+    return outs, (None, _trace_solve(LU, pivots, t[0]), None, None)
+
+
+def _det(p, t):
+    A = p[0]
+    det, LU, pivots = aten._linalg_det.default(A)
+    if t[0] is None:
+        return (det, LU, pivots), None
+    return (det, LU, pivots), (det * _trace_solve(LU, pivots, t[0]), None, None)
+
+
+def _fallback_complex(name):
+    raise NotImplementedError(f"torch_fwd: complex {name} has no rule yet")
+
+
+reg(aten._linalg_slogdet.default, _slogdet)
+reg(aten._linalg_det.default, _det)
+
+
+def _spd(n, batch=()):
+    a = randn(*batch, n, n)
+    return a @ a.mT + n * torch.eye(n, dtype=a.dtype)
+
+
+def _tri(n, upper=False):
+    a = randn(n, n)
+    a = a.triu() if upper else a.tril()
+    return a + 3 * torch.eye(n, dtype=a.dtype)
+
+
+TEST_CASES = [
+    case("mm", torch.mm, lambda: (randn(3, 4), randn(4, 2))),
+    case("bmm", torch.bmm, lambda: (randn(2, 3, 4), randn(2, 4, 5))),
+    case("addmm", lambda c, a, b: torch.addmm(c, a, b, beta=0.5, alpha=2.0), lambda: (randn(2), randn(3, 4), randn(4, 2))),
+    case("baddbmm", lambda c, a, b: torch.baddbmm(c, a, b, alpha=0.5), lambda: (randn(2, 3, 5), randn(2, 3, 4), randn(2, 4, 5))),
+    case("matmul_nd", torch.matmul, lambda: (randn(2, 3, 4), randn(4, 5))),
+    case("matmul_vec", lambda a, b: a @ b, lambda: (randn(4), randn(2, 4, 3))),
+    case("matmul_batched", torch.matmul, lambda: (randn(2, 1, 3, 4), randn(3, 4, 2))),
+    case("linear", torch.nn.functional.linear, lambda: (randn(5, 4), randn(3, 4), randn(3))),
+    case("einsum", lambda a, b: torch.einsum("bij,bjk->bik", a, b) + torch.einsum("bii->bi", a).sum(), lambda: (randn(2, 3, 3), randn(2, 3, 2))),
+    case("dot_mv_outer", lambda a, b: torch.dot(a, b) + torch.mv(torch.outer(a, b), a).sum(), lambda: (randn(4), randn(4))),
+    case("cholesky", lambda a: torch.linalg.cholesky(a @ a.mT + 4 * torch.eye(4, dtype=a.dtype)), lambda: (randn(4, 4),)),
+    case("cholesky_upper", lambda a: torch.linalg.cholesky(a @ a.mT + 4 * torch.eye(4, dtype=a.dtype), upper=True), lambda: (randn(4, 4),)),
+    case("cholesky_batched", lambda a: torch.cholesky(a @ a.mT + 4 * torch.eye(3, dtype=a.dtype)), lambda: (randn(2, 3, 3),)),
+    case("solve_triangular", lambda a, b: torch.linalg.solve_triangular(a, b, upper=False), lambda: (_tri(4), randn(4, 2))),
+    case("solve_triangular_right_upper", lambda a, b: torch.linalg.solve_triangular(a, b, upper=True, left=False, unitriangular=True),
+         lambda: (_tri(3, upper=True), randn(2, 3))),
+    case("cholesky_solve", lambda b, l: torch.cholesky_solve(b, l), lambda: (randn(4, 2), _tri(4))),
+    case("cholesky_solve_upper", lambda b, u: torch.cholesky_solve(b, u, upper=True), lambda: (randn(4, 2), _tri(4, upper=True))),
+    case("solve", torch.linalg.solve, lambda: (_spd(4), randn(4, 3))),
+    case("solve_vec", torch.linalg.solve, lambda: (_spd(4), randn(4))),
+    case("solve_batched_left_false", lambda a, b: torch.linalg.solve(a, b, left=False), lambda: (_spd(3, (2,)), randn(2, 4, 3))),
+    case("inv", torch.linalg.inv, lambda: (_spd(4),)),
+    case("slogdet", lambda a: torch.linalg.slogdet(a).logabsdet, lambda: (_spd(4),)),
+    case("logdet", torch.logdet, lambda: (_spd(3, (2,)),)),
+    case("det", torch.linalg.det, lambda: (randn(3, 3),)),
+]

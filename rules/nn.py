@@ -1,0 +1,336 @@
+"""Neural-network ops: softmax, norms, convolution, attention, dropout.
+
+Fused rules share work between primal and tangent: the primal comes from the op itself
+(so running statistics, RNG state and numerics are exactly the primal's), the tangent
+reuses its saved statistics.
+"""
+import math
+
+import torch
+
+from torch_fwd.combinators import shift_dim
+from torch_fwd.registry import call_op, library_rule
+from torch_fwd.tangent import align, tadd
+
+from ._cases import case, randn
+
+aten = torch.ops.aten
+
+
+def reg(op, rule):
+    library_rule(op)(rule)
+
+
+# ---- softmax ------------------------------------------------------------------------------
+def _softmax(p, t):
+    x, dim, half_to_float = p
+    y = aten._softmax.default(x, dim, half_to_float)
+    if t[0] is None:
+        return y, None
+    tx = t[0].to(y.dtype)
+    return y, y * (tx - (y * tx).sum(shift_dim(dim, x.dim()), keepdim=True))
+
+
+def _log_softmax(p, t):
+    x, dim, half_to_float = p
+    y = aten._log_softmax.default(x, dim, half_to_float)
+    if t[0] is None:
+        return y, None
+    tx = t[0].to(y.dtype)
+    return y, tx - (torch.exp(y) * tx).sum(shift_dim(dim, x.dim()), keepdim=True)
+
+
+reg(aten._softmax.default, _softmax)
+reg(aten._log_softmax.default, _log_softmax)
+
+
+# ---- normalisation ------------------------------------------------------------------------
+def _normalized_tangent(x, tx, mean, rstd, dims):
+    """For xhat = (x - mean) * rstd with mean/var over ``dims`` (biased): the tangents of
+    xhat, mean and rstd. ``mean``/``rstd`` broadcast against x."""
+    xhat = (x - mean) * rstd
+    tdims = [d + 1 for d in dims]
+    tmean = tx.mean(dim=tdims, keepdim=True)
+    txhat_mean = (tx * xhat).mean(dim=tdims, keepdim=True)
+    txhat = rstd * (tx - tmean - xhat * txhat_mean)
+    trstd = -rstd * rstd * txhat_mean
+    return xhat, txhat, tmean, trstd
+
+
+def _affine(xhat, txhat, w, b, tw, tb, shape):
+    """y = xhat * w + b with w, b viewed as ``shape``."""
+    out = txhat if w is None or txhat is None else txhat * w.reshape(shape)
+    if tw is not None:
+        out = tadd(out, align(tw.reshape((tw.shape[0],) + tuple(shape)), xhat.dim()) * xhat)
+    if tb is not None:
+        out = tadd(out, align(tb.reshape((tb.shape[0],) + tuple(shape)), xhat.dim()))
+    return out
+
+
+def _layer_norm(p, t):
+    x, normalized_shape, w, b, eps = p
+    out, mean, rstd = aten.native_layer_norm.default(x, normalized_shape, w, b, eps)
+    tx, tw, tb = t[0], t[2], t[3]
+    axis = x.dim() - len(normalized_shape)
+    dims = list(range(axis, x.dim()))
+    if tx is not None:
+        xhat, txhat, tmean, trstd = _normalized_tangent(x, tx, mean, rstd, dims)
+    else:
+        xhat, txhat, tmean, trstd = (x - mean) * rstd, None, None, None
+    return (out, mean, rstd), (_affine(xhat, txhat, w, b, tw, tb, tuple(normalized_shape)), tmean, trstd)
+
+
+reg(aten.native_layer_norm.default, _layer_norm)
+
+
+def _rms_norm(p, t):
+    x, normalized_shape, w, eps = p
+    out, rstd = aten._fused_rms_norm.default(x, normalized_shape, w, eps)
+    tx, tw = t[0], t[2]
+    dims = [d + 1 for d in range(x.dim() - len(normalized_shape), x.dim())]
+    xhat = x * rstd
+    txhat = None
+    trstd = None
+    if tx is not None:
+        m = (tx * xhat).mean(dim=dims, keepdim=True)
+        txhat = rstd * (tx - xhat * m)
+        trstd = -rstd * m
+    return (out, rstd), (_affine(xhat, txhat, w, None, tw, None, tuple(normalized_shape)), trstd)
+
+
+reg(aten._fused_rms_norm.default, _rms_norm)
+
+
+def _batch_norm_core(x, w, b, running_mean, running_var, training, eps, out, save_mean, save_invstd, tx, tw, tb):
+    c_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
+    if training or running_mean is None:
+        mean = save_mean.reshape(c_shape)
+        rstd = save_invstd.reshape(c_shape)
+        if tx is not None:
+            xhat, txhat, tmean, trstd = _normalized_tangent(x, tx, mean, rstd, dims)
+            tmean, trstd = tmean.reshape(tmean.shape[0], -1), trstd.reshape(trstd.shape[0], -1)
+        else:
+            xhat, txhat, tmean, trstd = (x - mean) * rstd, None, None, None
+    else:
+        rstd = torch.rsqrt(running_var.reshape(c_shape) + eps)
+        xhat = (x - running_mean.reshape(c_shape)) * rstd
+        txhat = None if tx is None else tx * rstd
+        tmean = trstd = None
+    return _affine(xhat, txhat, w, b, tw, tb, c_shape[1:]), tmean, trstd
+
+
+def _native_batch_norm(p, t):
+    x, w, b, rm, rv, training, momentum, eps = p
+    out, sm, si = aten.native_batch_norm.default(*p)
+    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, training, eps, out, sm, si, t[0], t[1], t[2])
+    return (out, sm, si), (to, tm, ti)
+
+
+def _legit(p, t):
+    x, w, b, rm, rv, training, momentum, eps = p
+    out, sm, si = aten._native_batch_norm_legit.default(*p)
+    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, training, eps, out, sm, si, t[0], t[1], t[2])
+    return (out, sm, si), (to, tm, ti)
+
+
+def _legit_no_stats(p, t):
+    x, w, b, training, momentum, eps = p
+    out, sm, si = aten._native_batch_norm_legit.no_stats(*p)
+    to, tm, ti = _batch_norm_core(x, w, b, None, None, True, eps, out, sm, si, t[0], t[1], t[2])
+    return (out, sm, si), (to, tm, ti)
+
+
+def _legit_no_training(p, t):
+    x, w, b, rm, rv, momentum, eps = p
+    out, sm, si = aten._native_batch_norm_legit_no_training.default(*p)
+    to, _, _ = _batch_norm_core(x, w, b, rm, rv, False, eps, out, sm, si, t[0], t[1], t[2])
+    return (out, sm, si), (to, None, None)
+
+
+def _legit_functional(p, t):
+    x, w, b, rm, rv, training, momentum, eps = p
+    out, sm, si, nrm, nrv = aten._native_batch_norm_legit_functional.default(*p)
+    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, training, eps, out, sm, si, t[0], t[1], t[2])
+    # The new running statistics never carry a tangent (they are buffers, not outputs).
+    return (out, sm, si, nrm, nrv), (to, tm, ti, None, None)
+
+
+reg(aten.native_batch_norm.default, _native_batch_norm)
+reg(aten._native_batch_norm_legit.default, _legit)
+reg(aten._native_batch_norm_legit.no_stats, _legit_no_stats)
+reg(aten._native_batch_norm_legit_no_training.default, _legit_no_training)
+reg(aten._native_batch_norm_legit_functional.default, _legit_functional)
+
+
+def _group_norm(p, t):
+    x, w, b, n, c, hxw, group, eps = p
+    out, mean, rstd = aten.native_group_norm.default(*p)
+    tx, tw, tb = t[0], t[1], t[2]
+    xg = x.reshape(n, group, -1)
+    m, r = mean.reshape(n, group, 1), rstd.reshape(n, group, 1)
+    c_shape = (x.shape[1],) + (1,) * (x.dim() - 2)
+    if tx is not None:
+        xhat, txhat, tmean, trstd = _normalized_tangent(xg, tx.reshape(tx.shape[0], n, group, -1), m, r, [2])
+        xhat, txhat = xhat.reshape(x.shape), txhat.reshape(tx.shape)
+        tmean, trstd = tmean.reshape(tmean.shape[0], n, group), trstd.reshape(trstd.shape[0], n, group)
+    else:
+        xhat, txhat, tmean, trstd = ((xg - m) * r).reshape(x.shape), None, None, None
+    return (out, mean, rstd), (_affine(xhat, txhat, w, b, tw, tb, c_shape), tmean, trstd)
+
+
+reg(aten.native_group_norm.default, _group_norm)
+
+
+# ---- convolution (bilinear) -------------------------------------------------------------
+def _convolution(p, t):
+    x, w, b, stride, padding, dilation, transposed, output_padding, groups = p
+    y = aten.convolution.default(*p)
+    tx, tw, tb = t[0], t[1], t[2]
+    out = None
+    if tx is not None:
+        k = tx.shape[0]
+        folded = tx.reshape((k * x.shape[0],) + tuple(x.shape[1:]))
+        ty = aten.convolution.default(folded, w, None, stride, padding, dilation, transposed, output_padding, groups)
+        out = ty.reshape((k,) + tuple(y.shape))
+    if tw is not None:
+        out = tadd(out, torch.vmap(lambda wk: aten.convolution.default(
+            x, wk, None, stride, padding, dilation, transposed, output_padding, groups))(tw))
+    if tb is not None:
+        out = tadd(out, tb.reshape((tb.shape[0], 1, -1) + (1,) * (y.dim() - 2)))
+    return y, out
+
+
+reg(aten.convolution.default, _convolution)
+
+
+# ---- dropout --------------------------------------------------------------------------------
+def _native_dropout(p, t):
+    x, prob, train = p
+    out, mask = aten.native_dropout.default(x, prob, train)
+    if t[0] is None:
+        return (out, mask), None
+    if train is False:
+        return (out, mask), (t[0], None)
+    scale = 0.0 if prob >= 1 else 1.0 / (1.0 - prob)
+    return (out, mask), (t[0] * mask * scale, None)
+
+
+reg(aten.native_dropout.default, _native_dropout)
+
+
+# ---- attention --------------------------------------------------------------------------------
+def _expand_kv(x, hq):
+    """Grouped-query attention: repeat key/value heads (dim -3) to the query's head count."""
+    if x is None or x.dim() < 3 or x.shape[-3] == hq:
+        return x
+    return x.repeat_interleave(hq // x.shape[-3], dim=-3)
+
+
+def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=0.0):
+    """Math attention and its tangent, on any backend. Returns (out, tangent_out).
+
+    dS = s (dQ K^T + Q dK^T) + dM;  dP = P (dS - rowsum(P dS));  dO = dP V + P dV.
+    Materialises the L x S scores per direction: the Triton flash kernel avoids that on CUDA.
+    """
+    hq = q.shape[-3] if q.dim() >= 3 else None
+    if hq is not None:
+        k, v, tk, tv = _expand_kv(k, hq), _expand_kv(v, hq), _expand_kv(tk, hq), _expand_kv(tv, hq)
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-1, -2)) * s
+    L, S = q.shape[-2], k.shape[-2]
+    if is_causal:
+        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    P = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        keep = torch.bernoulli(torch.full_like(P, 1 - dropout_p)) / (1 - dropout_p)
+        Pd = P * keep
+    else:
+        keep, Pd = None, P
+    out = Pd @ v
+    dS = None
+    if tq is not None:
+        dS = (tq @ k.transpose(-1, -2)) * s
+    if tk is not None:
+        dS = tadd(dS, (q @ tk.transpose(-1, -2)) * s)
+    if tmask is not None:
+        dS = tadd(dS, tmask)
+    dO = None
+    if dS is not None:
+        if is_causal or (mask is not None and mask.dtype == torch.bool):
+            dS = dS.masked_fill(P == 0, 0.0)  # -inf scores: no direction moves them
+        dP = P * (dS - (P * dS).sum(-1, keepdim=True))
+        if keep is not None:
+            dP = dP * keep
+        dO = dP @ v
+    if tv is not None:
+        dO = tadd(dO, Pd @ tv)
+    return out, dO
+
+
+def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
+    def rule(p, t):
+        q, k, v = p[:3]
+        mask = p[mask_pos] if mask_pos is not None else None
+        tmask = t[mask_pos] if mask_pos is not None else None
+        dropout_p, is_causal, scale = p[dropout_pos], p[causal_pos], p[-1]
+        if dropout_p > 0:
+            # The fused kernel's dropout mask cannot be reproduced: compute both sides in
+            # math with one mask, a valid sample of the same distribution.
+            out, tout = attention_jvp(q, k, v, mask, t[0], t[1], t[2], tmask, scale, is_causal, dropout_p)
+            primal = list(call_op(op, p))
+            primal[0] = out
+            return tuple(primal), (tout,) + (None,) * (n_out - 1)
+        primal = call_op(op, p)
+        _, tout = attention_jvp(q, k, v, mask, t[0], t[1], t[2], tmask, scale, is_causal)
+        return primal, (tout,) + (None,) * (n_out - 1)
+    return rule
+
+
+reg(aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _sdpa_rule(aten._scaled_dot_product_flash_attention_for_cpu.default, 5, 3, 4, 2))
+reg(aten._scaled_dot_product_efficient_attention.default,
+    _sdpa_rule(aten._scaled_dot_product_efficient_attention.default, 3, 5, 6, 4))
+reg(aten._scaled_dot_product_flash_attention.default,
+    _sdpa_rule(aten._scaled_dot_product_flash_attention.default, None, 3, 4, 9))
+reg(aten._scaled_dot_product_cudnn_attention.default,
+    _sdpa_rule(aten._scaled_dot_product_cudnn_attention.default, 3, 5, 6, 9))
+
+
+F = torch.nn.functional
+SDPA = F.scaled_dot_product_attention
+
+
+def _qkv(b=2, h=2, L=5, S=6, e=8, hk=None):
+    return randn(b, h, L, e), randn(b, hk or h, S, e), randn(b, hk or h, S, e)
+
+
+TEST_CASES = [
+    case("softmax", lambda x: torch.softmax(x, -1), lambda: (randn(3, 4),)),
+    case("log_softmax", lambda x: torch.log_softmax(x, 0), lambda: (randn(3, 4),)),
+    case("layer_norm", lambda x, w, b: F.layer_norm(x, (4,), w, b), lambda: (randn(3, 4), randn(4), randn(4))),
+    case("layer_norm_2d_noaffine", lambda x: F.layer_norm(x, (3, 4)), lambda: (randn(2, 3, 4),)),
+    case("rms_norm", lambda x, w: F.rms_norm(x, (4,), w, eps=1e-6), lambda: (randn(3, 4), randn(4))),
+    case("batch_norm_train", lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),
+         lambda: (randn(4, 3, 5), randn(3), randn(3))),
+    case("batch_norm_eval", lambda x, w, b: F.batch_norm(x, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype) * 2, w, b),
+         lambda: (randn(4, 3, 2, 2), randn(3), randn(3))),
+    case("group_norm", lambda x, w, b: F.group_norm(x, 2, w, b), lambda: (randn(2, 4, 3, 3), randn(4), randn(4))),
+    case("conv1d", lambda x, w, b: F.conv1d(x, w, b, padding=1), lambda: (randn(2, 3, 7), randn(4, 3, 3), randn(4))),
+    case("conv2d_stride_groups", lambda x, w: F.conv2d(x, w, stride=2, groups=2), lambda: (randn(2, 4, 6, 6), randn(6, 2, 3, 3))),
+    case("conv_transpose2d", lambda x, w: F.conv_transpose2d(x, w, stride=2), lambda: (randn(1, 2, 3, 3), randn(2, 3, 2, 2))),
+    case("dropout_eval", lambda x: F.dropout(x, 0.5, training=False), lambda: (randn(3, 4),)),
+    case("sdpa", SDPA, lambda: _qkv()),
+    case("sdpa_causal_scale", lambda q, k, v: SDPA(q, k, v, is_causal=True, scale=0.3), lambda: _qkv(S=5)),
+    case("sdpa_bool_mask", lambda q, k, v: SDPA(q, k, v, attn_mask=torch.rand(5, 6) > 0.3), lambda: _qkv()),
+    case("sdpa_float_mask_tangent", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (randn(5, 6),)),
+    case("sdpa_gqa", lambda q, k, v: SDPA(q, k, v, enable_gqa=True), lambda: _qkv(h=4, hk=2), check_torch_func=False),
+    case("cross_entropy", lambda x: F.cross_entropy(x, torch.tensor([1, 0, 3])), lambda: (randn(3, 4),)),
+    case("mse_loss", lambda x, y: F.mse_loss(x, y), lambda: (randn(3, 4), randn(3, 4))),
+    case("max_pool2d", lambda x: F.max_pool2d(x, 2), lambda: (randn(1, 2, 4, 4),)),
+    case("avg_pool2d", lambda x: F.avg_pool2d(x, 2), lambda: (randn(1, 2, 4, 4),)),
+    case("interpolate", lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), lambda: (randn(1, 2, 3, 3),)),
+]

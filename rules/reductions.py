@@ -1,0 +1,248 @@
+"""Reductions: sum, mean, prod, amax/amin, max/min, norms, var/std, logsumexp, cumsum,
+cumprod, sort/topk values. Dims are primal dims; ``shift_dims`` moves them past the chunk."""
+import torch
+
+from torch_fwd.combinators import linear, shift_dim, shift_dims, zero
+from torch_fwd.registry import call_op, library_rule
+from torch_fwd.tangent import align
+
+from ._cases import case, randn
+
+aten = torch.ops.aten
+
+
+def reg(op, rule):
+    library_rule(op)(rule)
+
+
+def _dims(dim, ndim):
+    """A reduction's dims as tangent dims (None or [] mean every dim)."""
+    if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+        return list(range(1, ndim + 1)) if ndim > 0 else []
+    if isinstance(dim, int):
+        dim = [dim]
+    return shift_dims(dim, ndim)
+
+
+def _sum(t, dims, keepdim=False, dtype=None):
+    if not dims:
+        return t if dtype is None else t.to(dtype)
+    return t.sum(dim=dims, keepdim=keepdim, dtype=dtype)
+
+
+reg(aten.sum.default, linear(aten.sum.default, lambda t, x, dtype=None: _sum(t, _dims(None, x.dim()), dtype=dtype)))
+reg(aten.sum.dim_IntList, linear(aten.sum.dim_IntList, lambda t, x, dim, keepdim=False, dtype=None:
+                                 _sum(t, _dims(dim, x.dim()), keepdim, dtype)))
+reg(aten.mean.default, linear(aten.mean.default, lambda t, x, dtype=None: t.mean(dim=_dims(None, x.dim()), dtype=dtype)
+                              if x.dim() else t))
+reg(aten.mean.dim, linear(aten.mean.dim, lambda t, x, dim, keepdim=False, dtype=None:
+                          t.mean(dim=_dims(dim, x.dim()), keepdim=keepdim, dtype=dtype) if x.dim() else t))
+reg(aten.cumsum.default, linear(aten.cumsum.default, lambda t, x, dim, dtype=None: t.cumsum(shift_dim(dim, x.dim()), dtype=dtype)))
+
+
+def _prod_except(x, dim):
+    """prod over ``dim`` of every element but one, without dividing (exact at zeros)."""
+    ones = torch.ones_like(x.narrow(dim, 0, 1))
+    left = torch.cat([ones, x.narrow(dim, 0, x.shape[dim] - 1)], dim).cumprod(dim)
+    right = torch.cat([x.narrow(dim, 1, x.shape[dim] - 1), ones], dim).flip(dim).cumprod(dim).flip(dim)
+    return left * right
+
+
+def _prod_rule(p, t):
+    x = p[0]
+    y = call_op(aten.prod.default, p)
+    if t[0] is None:
+        return y, None
+    flat = x.reshape(-1)
+    d = _prod_except(flat, 0)
+    return y, (t[0].reshape(t[0].shape[0], -1) * d).sum(1).to(y.dtype)
+
+
+def _prod_dim_rule(p, t):
+    x, dim, keepdim = p[0], p[1], p[2]
+    y = call_op(aten.prod.dim_int, p)
+    if t[0] is None:
+        return y, None
+    if x.dim() == 0:
+        return y, t[0]
+    d = _prod_except(x, dim % x.dim())
+    return y, (t[0] * d).sum(shift_dim(dim, x.dim()), keepdim=keepdim).to(y.dtype)
+
+
+reg(aten.prod.default, _prod_rule)
+reg(aten.prod.dim_int, _prod_dim_rule)
+
+
+def _extreme_rule(op):
+    """amax/amin and full max/min: the tangent of the selected elements, ties averaged
+    (PyTorch's convention for these reductions)."""
+    def rule(p, t):
+        x = p[0]
+        y = call_op(op, p)
+        if t[0] is None:
+            return y, None
+        if op in (aten.amax.default, aten.amin.default):
+            dim, keepdim = p[1], p[2]
+        else:
+            dim, keepdim = [], False
+        if x.dim() == 0:
+            return y, t[0]
+        dims = list(range(x.dim())) if not dim else [d % x.dim() for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
+        yk = y if keepdim else _keep(y, dims, x.dim())
+        mask = (x == yk).to(x.dtype)
+        count = mask.sum(dim=dims, keepdim=True)
+        tdims = [d + 1 for d in dims]
+        return y, (t[0] * (mask / count)).sum(dim=tdims, keepdim=keepdim)
+    return rule
+
+
+def _keep(y, dims, ndim):
+    for d in sorted(dims):
+        y = y.unsqueeze(d)
+    return y
+
+
+for _op in (aten.amax.default, aten.amin.default, aten.max.default, aten.min.default):
+    reg(_op, _extreme_rule(_op))
+
+
+def _indexed_values_rule(op, dim_pos):
+    """max.dim/min.dim/sort/topk/kthvalue/median.dim/mode: values = gather(x, indices)."""
+    def rule(p, t):
+        values, indices = call_op(op, p)[:2]
+        x = p[0]
+        if t[0] is None:
+            return (values, indices), None
+        if x.dim() == 0:
+            return (values, indices), (t[0], None)
+        dim = p[dim_pos] if dim_pos is not None else -1
+        k = t[0].shape[0]
+        keepdim = values.dim() == x.dim()
+        idx = indices if keepdim else indices.unsqueeze(dim % x.dim())
+        tv = t[0].gather(shift_dim(dim, x.dim()), idx.unsqueeze(0).expand((k,) + tuple(idx.shape)))
+        if not keepdim:
+            tv = tv.squeeze(shift_dim(dim, x.dim()))
+        return (values, indices), (tv, None)
+    return rule
+
+
+for _op, _pos in [(aten.max.dim, 1), (aten.min.dim, 1), (aten.sort.default, 1), (aten.sort.stable, 2),
+                  (aten.topk.default, 2), (aten.kthvalue.default, 2), (aten.median.dim, 1), (aten.mode.default, 1)]:
+    reg(_op, _indexed_values_rule(_op, _pos))
+
+for _op in (aten.argmax.default, aten.argmin.default, aten.argsort.default, aten.argsort.stable,
+            aten.any.default, aten.any.dim, aten.all.default, aten.all.dim, aten.count_nonzero.default,
+            aten.count_nonzero.dim_IntList):
+    reg(_op, zero(_op))
+
+
+def _vector_norm(p, t):
+    x, ord_, dim, keepdim, dtype = p
+    y = call_op(aten.linalg_vector_norm.default, p)
+    if t[0] is None:
+        return y, None
+    tx = t[0] if dtype is None else t[0].to(dtype)
+    xs = x if dtype is None else x.to(dtype)
+    dims = _dims(dim, x.dim())
+    yk = y if keepdim or not dims else _keep(y, [d - 1 for d in dims], x.dim())
+    ord_ = float(ord_)
+    if ord_ == 0.0:
+        return y, None
+    if ord_ == 1.0:
+        d = torch.sign(xs)
+    elif ord_ == 2.0:
+        d = torch.where(yk == 0, torch.zeros_like(xs), xs / yk)
+    elif ord_ in (float("inf"), float("-inf")):
+        a = xs.abs()
+        mask = (a == yk).to(xs.dtype)
+        d = torch.sign(xs) * mask / mask.sum(dim=[i - 1 for i in dims] or None, keepdim=True)
+    else:
+        d = torch.where(yk == 0, torch.zeros_like(xs), torch.sign(xs) * xs.abs().pow(ord_ - 1) / yk.pow(ord_ - 1))
+    return y, _sum(tx * d, dims, keepdim)
+
+
+reg(aten.linalg_vector_norm.default, _vector_norm)
+
+
+def _var_like(op, is_std):
+    def rule(p, t):
+        x, dim, correction, keepdim = p[0], p[1], p[2], p[3]
+        y = call_op(op, p)
+        if t[0] is None:
+            return y, None
+        dims = _dims(dim, x.dim())
+        pdims = [d - 1 for d in dims]
+        n = 1
+        for d in pdims:
+            n *= x.shape[d]
+        c = 1 if correction is None else correction
+        mean = x.mean(dim=pdims or None, keepdim=True) if pdims else x
+        dvar = _sum(t[0] * (x - mean), dims, keepdim) * (2.0 / max(n - c, 0) if n - c > 0 else float("nan"))
+        if is_std:
+            return y, dvar / (2 * y)
+        return y, dvar
+    return rule
+
+
+reg(aten.var.correction, _var_like(aten.var.correction, False))
+reg(aten.std.correction, _var_like(aten.std.correction, True))
+
+
+def _var_mean(p, t):
+    x, dim, correction, keepdim = p[0], p[1], p[2], p[3]
+    var, mean = call_op(aten.var_mean.correction, p)
+    if t[0] is None:
+        return (var, mean), None
+    _, tv = _var_like(aten.var.correction, False)(p, t)
+    dims = _dims(dim, x.dim())
+    tm = t[0].mean(dim=dims, keepdim=keepdim) if dims else t[0]
+    return (var, mean), (tv, tm)
+
+
+reg(aten.var_mean.correction, _var_mean)
+
+
+def _logsumexp(p, t):
+    x, dim, keepdim = p
+    y = aten.logsumexp.default(x, dim, keepdim)
+    if t[0] is None:
+        return y, None
+    dims = _dims(dim, x.dim())
+    yk = y if keepdim or not dims else _keep(y, [d - 1 for d in dims], x.dim())
+    w = torch.exp(x - yk)
+    return y, _sum(t[0] * w, dims, keepdim)
+
+
+reg(aten.logsumexp.default, _logsumexp)
+
+TEST_CASES = [
+    case("sum", torch.sum, lambda: (randn(3, 4),)),
+    case("sum_dim", lambda x: x.sum(dim=(0, -1), keepdim=True), lambda: (randn(2, 3, 4),)),
+    case("sum_dtype", lambda x: x.sum(1, dtype=torch.float32).double(), lambda: (randn(2, 3),), atol=1e-5, rtol=1e-4),
+    case("sum_scalar", lambda x: x.sum(), lambda: (randn(),)),
+    case("mean", lambda x: x.mean() + x.mean(-1).sum(), lambda: (randn(3, 4),)),
+    case("prod", torch.prod, lambda: (randn(5),)),
+    case("prod_with_zero", lambda x: torch.prod(x * (torch.arange(5.0, dtype=x.dtype) != 2)), lambda: (randn(5),)),
+    case("prod_dim", lambda x: torch.prod(x, 1, keepdim=True), lambda: (randn(3, 4),)),
+    case("amax", lambda x: torch.amax(x, dim=1), lambda: (randn(3, 4),)),
+    case("amin_all", torch.amin, lambda: (randn(3, 4),)),
+    case("max_full", torch.max, lambda: (randn(3, 4),)),
+    case("max_dim", lambda x: torch.max(x, dim=1).values, lambda: (randn(3, 4),)),
+    case("min_dim_keep", lambda x: torch.min(x, dim=0, keepdim=True)[0], lambda: (randn(3, 4),)),
+    case("sort", lambda x: torch.sort(x, dim=-1, descending=True).values, lambda: (randn(3, 5),)),
+    case("topk", lambda x: torch.topk(x, 2).values, lambda: (randn(3, 5),)),
+    case("argmax_zero", lambda x: x.argmax().to(x.dtype) + x.sum(), lambda: (randn(3, 5),)),
+    case("norm2", torch.linalg.vector_norm, lambda: (randn(3, 4),)),
+    case("norm1_dim", lambda x: torch.linalg.vector_norm(x, 1, dim=1), lambda: (randn(3, 4),)),
+    case("norm3", lambda x: torch.linalg.vector_norm(x, 3.0, dim=0, keepdim=True), lambda: (randn(3, 4),)),
+    case("norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), dim=1), lambda: (randn(3, 4),)),
+    case("tensor_norm", lambda x: x.norm(), lambda: (randn(3, 4),)),
+    case("var", lambda x: torch.var(x, dim=1), lambda: (randn(3, 4),)),
+    case("std", lambda x: torch.std(x, dim=(0,), correction=0), lambda: (randn(3, 4),)),
+    case("var_all", torch.var, lambda: (randn(3, 4),)),
+    case("var_mean", lambda x: torch.var_mean(x, dim=1)[0] + torch.var_mean(x, dim=1)[1], lambda: (randn(3, 4),)),
+    case("logsumexp", lambda x: torch.logsumexp(x, dim=1), lambda: (randn(3, 4),)),
+    case("cumsum", lambda x: torch.cumsum(x, 1), lambda: (randn(3, 4),)),
+    case("cumprod", lambda x: torch.cumprod(x, 1), lambda: (randn(3, 4),)),
+    case("cumprod_zero", lambda x: torch.cumprod(x * (torch.arange(4.0, dtype=x.dtype) != 1), 1), lambda: (randn(3, 4),)),
+]

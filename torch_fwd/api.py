@@ -1,0 +1,316 @@
+"""Public entry points: jvp, jacfwd, make_jvp_graph."""
+from __future__ import annotations
+
+import math
+import threading
+import weakref
+
+import torch
+import torch.utils._pytree as pytree
+
+from .capture import CaptureFailed, GuardedCapture, to_aten
+from .dual import run_with_duals
+from .transform import build_jvp_graph
+
+__all__ = ["jvp", "jacfwd", "make_jvp_graph", "explain", "JACFWD_MEMORY_BUDGET"]
+
+_captures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_captures_lock = threading.Lock()
+_last_path = threading.local()
+
+
+def explain() -> str | None:
+    """Which path the calling thread's last ``jvp`` took ('graph' or 'eager') and why."""
+    return getattr(_last_path, "value", None)
+
+
+# ---------------------------------------------------------------------------------------
+# argument checking
+# ---------------------------------------------------------------------------------------
+
+def _check(primals, tangents, chunked):
+    if not isinstance(primals, tuple):
+        raise TypeError(f"jvp: primals must be a tuple (func is called as func(*primals)), got {type(primals).__name__}")
+    if not isinstance(tangents, tuple):
+        raise TypeError(f"jvp: tangents must be a tuple matching primals, got {type(tangents).__name__}")
+    flat_p, spec_p = pytree.tree_flatten(primals)
+    flat_t, spec_t = pytree.tree_flatten(tangents)
+    if spec_p != spec_t:
+        raise ValueError(f"jvp: tangents have a different pytree structure than primals:\n"
+                         f"  primals:  {spec_p}\n  tangents: {spec_t}")
+    chunk = None
+    for i, (p, t) in enumerate(zip(flat_p, flat_t)):
+        where = f"primal leaf {i}"
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"jvp: {where} is a {type(p).__name__}; primals must be tensors "
+                            f"(pass other values through a closure or functools.partial)")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"jvp: the tangent of {where} is a {type(t).__name__}, expected a Tensor")
+        if not (p.is_floating_point() or p.is_complex()):
+            raise ValueError(f"jvp: {where} has dtype {p.dtype}; only floating or complex primals have tangents")
+        if t.dtype != p.dtype:
+            raise TypeError(f"jvp: the tangent of {where} has dtype {t.dtype}, its primal {p.dtype}")
+        if t.device != p.device:
+            raise ValueError(f"jvp: the tangent of {where} is on {t.device}, its primal on {p.device}")
+        if chunked:
+            if t.dim() != p.dim() + 1 or tuple(t.shape[1:]) != tuple(p.shape):
+                raise ValueError(f"jvp(chunked=True): the tangent of {where} has shape {tuple(t.shape)}; "
+                                 f"expected (K, *{tuple(p.shape)})")
+            if chunk is None:
+                chunk = t.shape[0]
+            elif t.shape[0] != chunk:
+                raise ValueError(f"jvp(chunked=True): the tangent of {where} has K = {t.shape[0]}, "
+                                 f"earlier tangents K = {chunk}; every tangent needs the same K")
+        elif tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"jvp: the tangent of {where} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
+    if chunked and chunk == 0:
+        raise ValueError("jvp(chunked=True): K = 0 directions")
+    return flat_p, flat_t, spec_p, chunk if chunked else 1
+
+
+def _signature(flat_p, flat_t, chunk):
+    return tuple((tuple(p.shape), p.dtype, p.device, p.stride(), p.requires_grad) for p in flat_p) + (chunk,)
+
+
+def _capture_for(func):
+    try:
+        with _captures_lock:
+            cap = _captures.get(func)
+            if cap is None:
+                cap = _captures[func] = GuardedCapture(func)
+        return cap
+    except TypeError:  # not weak-referenceable
+        return GuardedCapture(func)
+
+
+# ---------------------------------------------------------------------------------------
+# jvp
+# ---------------------------------------------------------------------------------------
+
+def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
+    """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
+
+    Same contract as ``torch.func.jvp``: returns ``(func(*primals), tangent_out)`` (plus
+    ``aux`` with ``has_aux``). With ``chunked=True`` every tangent leaf has a leading
+    dimension K (K directions in one pass) and so does every output tangent.
+
+    ``path``: "auto" (the graph path where dynamo captures the function exactly, else the
+    eager path), "graph" (raise if it cannot be captured) or "eager".
+    """
+    if not callable(func):
+        raise TypeError(f"jvp: func must be callable, got {type(func).__name__}")
+    if path not in ("auto", "graph", "eager"):
+        raise ValueError(f"jvp: path must be 'auto', 'graph' or 'eager', got {path!r}")
+    flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
+    # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents)
+    ts = [(t if chunked else t.unsqueeze(0)).contiguous() for t in flat_t]
+    primal_args = pytree.tree_unflatten(flat_p, spec)
+
+    out = None
+    if path in ("auto", "graph"):
+        cap = _capture_for(func)
+        try:
+            raw, results = cap.run(primal_args, {}, flat_p, ts, chunk, _signature(flat_p, ts, chunk))
+            out = _collect(raw, has_aux, lambda o: results.get(id(o), _input_tangent(o, flat_p, ts)), chunk)
+            _last_path.value = "graph"
+        except CaptureFailed as e:
+            if path == "graph":
+                raise RuntimeError(f"jvp(path='graph'): the function could not be captured: {e}") from None
+            _last_path.value = f"eager ({e})"
+    if out is None:
+        if path == "eager":
+            _last_path.value = "eager (requested)"
+        out = _eager(func, flat_p, ts, spec, chunk, has_aux)
+    res, tres, aux = out
+    if not chunked:
+        tres = pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, tres)
+    return (res, tres, aux) if has_aux else (res, tres)
+
+
+def _input_tangent(o, flat_p, ts):
+    for p, t in zip(flat_p, ts):
+        if o is p:
+            return t
+    return None
+
+
+def _split_aux(raw, has_aux):
+    if not has_aux:
+        return raw, None
+    if not (isinstance(raw, tuple) and len(raw) == 2):
+        raise TypeError("jvp(has_aux=True): func must return a tuple (output, aux)")
+    return raw[0], raw[1]
+
+
+def _collect(raw, has_aux, tangent_of, chunk):
+    res, aux = _split_aux(raw, has_aux)
+    flat, spec = pytree.tree_flatten(res)
+    touts = []
+    for i, o in enumerate(flat):
+        if not isinstance(o, torch.Tensor):
+            raise TypeError(f"jvp: func must return tensors (or pytrees of them); output leaf {i} is a "
+                            f"{type(o).__name__}")
+        t = tangent_of(o)
+        touts.append(t if t is not None else o.new_zeros((chunk,) + tuple(o.shape)))
+    return res, pytree.tree_unflatten(touts, spec), aux
+
+
+def _eager(func, flat_p, ts, spec, chunk, has_aux):
+    # clone: an in-place op on an input inside func must not write into the caller's tangent
+    duals = [Dual(p, t.clone(), chunk=chunk) for p, t in zip(flat_p, ts)]
+    with DualMode(chunk):
+        raw = func(*pytree.tree_unflatten(duals, spec))
+    res, aux = _split_aux(raw, has_aux)
+    res_p, res_t = unwrap_tree(res)
+    out = _collect(res_p, False, lambda o: None, chunk)[0]
+    flat_o, ospec = pytree.tree_flatten(out)
+    flat_t = pytree.tree_leaves(res_t, is_leaf=lambda x: x is None)
+    touts = [t if t is not None else o.new_zeros((chunk,) + tuple(o.shape)) for o, t in zip(flat_o, flat_t)]
+    aux = unwrap_tree(aux)[0] if aux is not None else None
+    return out, pytree.tree_unflatten(touts, ospec), aux
+
+
+# ---------------------------------------------------------------------------------------
+# jacfwd
+# ---------------------------------------------------------------------------------------
+
+#: Bytes of tangent storage jacfwd aims for when chunk_size=None: K is chosen so that
+#: K * itemsize * (inputs + outputs) * 8 stays within it (8: headroom for intermediates).
+JACFWD_MEMORY_BUDGET = 64 * 2 ** 20
+
+
+def pick_chunk_size(n_inputs: int, n_outputs: int, itemsize: int, budget: int | None = None) -> int:
+    """ForwardDiff's pickchunksize under a memory budget: the fewest chunks, then the
+    smallest remainder (chunks of equal size)."""
+    budget = JACFWD_MEMORY_BUDGET if budget is None else budget
+    per_direction = max(1, itemsize * (n_inputs + n_outputs) * 8)
+    k_max = max(1, min(n_inputs, budget // per_direction))
+    n_chunks = math.ceil(n_inputs / k_max)
+    return math.ceil(n_inputs / n_chunks)
+
+
+def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None, path="auto"):
+    """Jacobian of ``func`` by forward mode, ``chunk_size`` columns per pass.
+
+    Like ``torch.func.jacfwd``: for an output of shape O and an input of shape I the block
+    has shape (*O, *I); a tuple ``argnums`` gives a tuple of blocks per output.
+    ``chunk_size=None`` picks K with :func:`pick_chunk_size`. Peak memory grows with K.
+    """
+    if not callable(func):
+        raise TypeError(f"jacfwd: func must be callable, got {type(func).__name__}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"jacfwd: chunk_size must be a positive int or None, got {chunk_size!r}")
+    single = isinstance(argnums, int)
+    nums = (argnums,) if single else tuple(argnums)
+    if not nums or not all(isinstance(n, int) for n in nums):
+        raise TypeError(f"jacfwd: argnums must be an int or a tuple of ints, got {argnums!r}")
+
+    def jac(*args):
+        for n in nums:
+            if not -len(args) <= n < len(args):
+                raise ValueError(f"jacfwd: argnums {n} is out of range for {len(args)} positional arguments")
+        idx = [n % len(args) for n in nums]
+        diff = [args[i] for i in idx]
+        flat_in, in_spec = pytree.tree_flatten(diff)
+        for j, x in enumerate(flat_in):
+            if not isinstance(x, torch.Tensor) or not (x.is_floating_point() or x.is_complex()):
+                raise TypeError(f"jacfwd: differentiated input leaf {j} must be a floating tensor, got "
+                                f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+
+        def g(*flat):
+            full = list(args)
+            for i, v in zip(idx, pytree.tree_unflatten(list(flat), in_spec)):
+                full[i] = v
+            return func(*full)
+
+        sizes = [x.numel() for x in flat_in]
+        n = sum(sizes)
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        k = chunk_size
+        columns = None
+        aux = None
+        start = 0
+        while start < n:
+            if k is None:
+                # one K = 1 pass tells the output size for the budget
+                kk = 1
+            else:
+                kk = min(k, n - start)
+            basis = []
+            for x, off, sz in zip(flat_in, offsets, sizes):
+                v = x.new_zeros((kk, sz))
+                lo, hi = max(start, off), min(start + kk, off + sz)
+                if lo < hi:
+                    rows = torch.arange(lo - start, hi - start, device=x.device)
+                    v[rows, torch.arange(lo - off, hi - off, device=x.device)] = 1
+                basis.append(v.reshape((kk,) + tuple(x.shape)))
+            res = jvp(g, tuple(flat_in), tuple(basis), has_aux=has_aux, chunked=True, path=path)
+            out, tout = res[0], res[1]
+            if has_aux and aux is None:
+                aux = res[2]
+            flat_out, out_spec = pytree.tree_flatten(out)
+            flat_tout = pytree.tree_leaves(tout)
+            if columns is None:
+                columns = [o.new_empty((o.numel(), n)) for o in flat_out]
+            for col, t in zip(columns, flat_tout):
+                col[:, start:start + kk] = t.reshape(kk, -1).T
+            start += kk
+            if k is None:
+                itemsize = flat_in[0].element_size()
+                k = pick_chunk_size(n, sum(o.numel() for o in flat_out), itemsize)
+        if columns is None:  # no inputs elements
+            out = func(*args)
+            out = out[0] if has_aux else out
+            flat_out, out_spec = pytree.tree_flatten(out)
+            columns = [o.new_empty((o.numel(), 0)) for o in flat_out]
+        blocks = []
+        for o, col in zip(flat_out, columns):
+            per_in = [col[:, off:off + sz].reshape(tuple(o.shape) + tuple(x.shape))
+                      for x, off, sz in zip(flat_in, offsets, sizes)]
+            per_in = pytree.tree_unflatten(per_in, in_spec)
+            blocks.append(per_in[0] if single else tuple(per_in))
+        result = pytree.tree_unflatten(blocks, out_spec)
+        return (result, aux) if has_aux else result
+    return jac
+
+
+# ---------------------------------------------------------------------------------------
+# make_jvp_graph
+# ---------------------------------------------------------------------------------------
+
+def make_jvp_graph(func, *primals, chunk=1):
+    """The JVP of ``func`` as a readable ATen ``fx.GraphModule``.
+
+    Captured with make_fx on fake tensors (functionalized), then rewritten by the
+    forward-mode pass. Its inputs are the flattened primals, then one tangent of shape
+    (chunk, *primal.shape) per floating primal; its outputs the flattened outputs, then one
+    tangent per output (zeros where the output does not depend on the inputs).
+    The graph is specialised on the primals' shapes, dtypes and any Python values
+    ``func`` reads: ``jvp`` guards its own cache, a GraphModule you keep does not.
+    """
+    if not callable(func):
+        raise TypeError(f"make_jvp_graph: func must be callable, got {type(func).__name__}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"make_jvp_graph: chunk must be a positive int, got {chunk!r}")
+    flat_p, spec = pytree.tree_flatten(primals)
+    for i, p in enumerate(flat_p):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"make_jvp_graph: primal leaf {i} is a {type(p).__name__}; primals must be tensors")
+
+    def flat_fn(*flat):
+        out = func(*pytree.tree_unflatten(list(flat), spec))
+        return tuple(pytree.tree_leaves(out))
+
+    aten_gm = to_aten(flat_fn, flat_p)
+    active = [p.is_floating_point() or p.is_complex() for p in flat_p]
+    jg = build_jvp_graph(aten_gm, flat_p, active, chunk, zeros_for_inactive=True)
+    gm = jg.gm
+    names = [f"primal_{i}" for i in range(len(flat_p))] + [f"tangent_{i}" for i, a in enumerate(active) if a]
+    for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], names):
+        node._rename(name)
+        node.target = name
+    gm.recompile()
+    return gm
+
+
+from .dual import Dual, DualMode, unwrap_tree  # noqa: E402

@@ -1,0 +1,138 @@
+"""Capture: a function -> an ATen ``fx.GraphModule``, and the guarded graph path of jvp.
+
+Two captures, both ending in ``make_fx`` over ``torch.func.functionalize`` (ATen ops,
+no mutations except trailing copies into mutated inputs):
+
+- ``to_aten(fn, args)``: fake-tensor ``make_fx`` of a function, for ``make_jvp_graph``.
+  Data-dependent control flow or ``.item()`` fail loudly under fake tensors.
+- ``GuardedCapture``: what ``jvp`` uses. Dynamo (``torch.compile(fullgraph=True,
+  dynamic=False)`` with our backend) captures the function once per guard set. Dynamo lifts
+  closed-over tensors, globals and module parameters into graph inputs and guards on
+  everything the trace specialised on (shapes, dtypes, strides, Python values, module
+  state), recompiling when a guard fails: a cached graph is never reused for inputs or
+  state it was not valid for. The backend lowers each graph to ATen; the JVP graph is
+  built per (activity pattern, chunk size, rule-table generation).
+
+Tangents reach the compiled graph through a thread-local side table keyed by the
+identity of the primal tensors, and come back the same way keyed by the outputs.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import registry
+from .transform import build_jvp_graph
+
+__all__ = ["to_aten", "GuardedCapture", "CaptureFailed"]
+
+
+class CaptureFailed(Exception):
+    """The function cannot be captured exactly; the caller runs the eager path."""
+
+
+def to_aten(fn, args) -> fx.GraphModule:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        return make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode="real")(*fake)
+
+
+class _Channel(threading.local):
+    def __init__(self):
+        self.tangents = None  # id(primal) -> tangent
+        self.chunk = None
+        self.results = None   # id(tensor) -> tangent
+        self.ran = 0
+        self.error = None
+
+
+_channel = _Channel()
+
+
+class _CompiledGraph:
+    """What our dynamo backend returns for one captured graph."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs):
+        self.torch_gm = gm
+        self.aten_gm = None
+        self.examples = [(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
+                         for x in example_inputs]
+        self.example_inputs = example_inputs
+        self.jvp_graphs: dict = {}
+        self.lock = threading.Lock()
+
+    def _aten(self, args):
+        if self.aten_gm is None:
+            self.aten_gm = to_aten(self.torch_gm, args)
+        return self.aten_gm
+
+    def __call__(self, *args):
+        ch = _channel
+        if ch.tangents is None:
+            # called outside torch_fwd.jvp: the primal function
+            return self.torch_gm(*args)
+        tangents = [ch.tangents.get(id(a)) if isinstance(a, torch.Tensor) else None for a in args]
+        key = (tuple(t is not None for t in tangents), ch.chunk, registry.generation())
+        with self.lock:
+            jg = self.jvp_graphs.get(key)
+            if jg is None:
+                try:
+                    jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
+                except Exception as e:  # noqa: BLE001 - reported by the eager path
+                    ch.error = e
+                    raise CaptureFailed(str(e)) from e
+                self.jvp_graphs[key] = jg
+        outs, touts, mutated = jg(args, tangents)
+        for o, t in zip(outs, touts):
+            if t is not None:
+                ch.results[id(o)] = t
+        for i, t in mutated.items():
+            ch.results[id(args[i])] = t
+        ch.ran += 1
+        return outs
+
+
+def _backend(gm, example_inputs):
+    return _CompiledGraph(gm, example_inputs)
+
+
+class GuardedCapture:
+    """One per user function: dynamo's guarded cache around our backend."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
+        self.failed_keys: set = set()
+
+    def run(self, args, kwargs, flat_primals, flat_tangents, chunk, key):
+        """Run fn(*args, **kwargs) through dynamo with tangents attached to
+        ``flat_primals``. Returns (output, {id(tensor): tangent}) or raises CaptureFailed."""
+        if key in self.failed_keys:
+            raise CaptureFailed("capture failed before for this signature")
+        ch = _channel
+        if ch.tangents is not None:
+            raise CaptureFailed("nested torch_fwd.jvp runs eagerly")
+        ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}
+        ch.chunk, ch.results, ch.ran, ch.error = chunk, {}, 0, None
+        try:
+            out = self.compiled(*args, **kwargs)
+            if ch.ran == 0:
+                # Nothing compiled ran (an empty graph, or dynamo declined): the eager
+                # path decides, so that no output is ever given a tangent by guesswork.
+                raise CaptureFailed("no graph ran")
+            return out, ch.results
+        except CaptureFailed:
+            self.failed_keys.add(key)
+            raise
+        except Exception as e:  # noqa: BLE001
+            # dynamo could not capture (graph break, data-dependent control flow, a rule
+            # missing at trace time, ...): the eager path runs and reports real errors.
+            self.failed_keys.add(key)
+            raise CaptureFailed(f"{type(e).__name__}: {e}") from e
+        finally:
+            ch.tangents = ch.results = ch.chunk = None

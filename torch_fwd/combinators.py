@@ -1,0 +1,91 @@
+"""Combinators that make most rules one line (after JAX's defjvp / deflinear / defbilinear
+and HIPS autograd's numpy_jvps).
+
+Each returns a rule ``rule(primals, tangents) -> (out, tangent_out)`` in the interface of
+``registry``; ``rules/`` registers them with ``registry.library_rule``.
+"""
+from __future__ import annotations
+
+import torch
+
+from .registry import call_op
+from .tangent import align, tadd
+
+__all__ = ["unary", "elementwise", "zero", "linear", "linear_vmap", "shift_dim", "shift_dims"]
+
+
+def unary(op, deriv):
+    """y = op(x, *params); dy = deriv(x, y, *params) * dx. ``deriv`` may reuse y (exp: y)."""
+    def rule(p, t):
+        y = call_op(op, p)
+        tx = t[0]
+        if tx is None:
+            return y, None
+        return y, tx * deriv(p[0], y, *p[1:])
+    rule.__name__ = f"unary_rule_{op}"
+    return rule
+
+
+def elementwise(op, *derivs):
+    """y = op(a, b, ...); dy = sum_i deriv_i(*primals, y) * da_i with broadcasting.
+
+    ``derivs[i]`` is the partial with respect to argument i (None: not differentiable).
+    """
+    def rule(p, t):
+        y = call_op(op, p)
+        nd = y.dim()
+        out = None
+        for i, d in enumerate(derivs):
+            ti = t[i] if i < len(t) else None
+            if ti is None or d is None:
+                continue
+            out = tadd(out, align(ti, nd) * d(*p, y))
+        return y, out
+    rule.__name__ = f"elementwise_rule_{op}"
+    return rule
+
+
+def zero(op):
+    """Piecewise-constant or integer-valued ops: the derivative is zero where it exists."""
+    def rule(p, t):
+        return call_op(op, p), None
+    rule.__name__ = f"zero_rule_{op}"
+    return rule
+
+
+def shift_dim(d: int, ndim: int) -> int:
+    """A primal dim index (possibly negative) as the index of that dim in a tangent."""
+    return d % max(ndim, 1) + 1
+
+
+def shift_dims(dims, ndim: int):
+    return [shift_dim(d, ndim) for d in dims]
+
+
+def linear(op, tangent_fn):
+    """Ops linear in their first argument: dy = tangent_fn(dx, *primals) where tangent_fn
+    applies the op to a chunked tangent (usually with a shifted dim, one line)."""
+    def rule(p, t):
+        y = call_op(op, p)
+        tx = t[0]
+        return y, (None if tx is None else tangent_fn(tx, *p))
+    rule.__name__ = f"linear_rule_{op}"
+    return rule
+
+
+def linear_vmap(op, argnum: int = 0):
+    """Ops linear in one argument, the chunk carried by ``torch.vmap`` (its batching rules
+    do the dim bookkeeping; used where a hand-written dim shift is not obvious)."""
+    def rule(p, t):
+        y = call_op(op, p)
+        tx = t[argnum]
+        if tx is None:
+            return y, None
+
+        def f(ti):
+            q = list(p)
+            q[argnum] = ti
+            return call_op(op, q)
+        return y, torch.vmap(f)(tx)
+    rule.__name__ = f"linear_vmap_rule_{op}"
+    return rule

@@ -1,0 +1,301 @@
+"""The eager path: ``Dual``, a wrapper tensor subclass carrying (primal, chunked tangent).
+
+Every op on a Dual goes through ``__torch_dispatch__`` to the shared rule table
+(``engine.jvp_op``). Inside ``torch_fwd.jvp``'s eager path a ``DualMode`` is also active:
+it wraps every floating tensor the function creates (a buffer from ``torch.zeros``, say)
+so that an in-place write of a value with a tangent into it is tracked, not dropped.
+
+Views keep a link to the Dual they view, and derive their tangent from the base's
+tangent lazily, as a real view of it: a tangent materialised in the base by a write
+through one view is seen by every other view, as with primal storage.
+
+``Dual`` is traceable (``__tensor_flatten__``/``__tensor_unflatten__``), the protocol
+torch.compile and aot_autograd use for wrapper subclasses.
+"""
+from __future__ import annotations
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import registry
+from .engine import jvp_op, user_source_line
+from .tangent import is_differentiable
+
+aten = torch.ops.aten
+
+__all__ = ["Dual", "DualMode", "run_with_duals"]
+
+
+class Dual(torch.Tensor):
+    """A tensor with a forward-mode tangent of shape (K, *self.shape), or None (zero)."""
+
+    @staticmethod
+    def __new__(cls, primal: torch.Tensor, tangent: torch.Tensor | None = None, *, chunk: int | None = None,
+                _view_of=None):
+        if isinstance(primal, Dual):
+            raise TypeError("Dual: primal is already a Dual (nested Duals are not supported)")
+        if not isinstance(primal, torch.Tensor):
+            raise TypeError(f"Dual: primal must be a Tensor, got {type(primal).__name__}")
+        r = torch.Tensor._make_wrapper_subclass(
+            cls, primal.size(), strides=primal.stride(), storage_offset=primal.storage_offset(),
+            dtype=primal.dtype, layout=primal.layout, device=primal.device, requires_grad=False)
+        r.primal = primal
+        r._tangent = tangent
+        r._view_of = _view_of
+        r._chunk = chunk if chunk is not None else (tangent.shape[0] if tangent is not None else None)
+        return r
+
+    def __init__(self, primal, tangent=None, *, chunk=None, _view_of=None):
+        if tangent is not None:
+            if not isinstance(tangent, torch.Tensor):
+                raise TypeError(f"Dual: tangent must be a Tensor or None, got {type(tangent).__name__}")
+            if tuple(tangent.shape[1:]) != tuple(primal.shape):
+                raise ValueError(f"Dual: tangent shape {tuple(tangent.shape)} is not (K, *{tuple(primal.shape)})")
+
+    @property
+    def tangent(self) -> torch.Tensor | None:
+        t = self._tangent
+        if t is None and self._view_of is not None:
+            base, derive = self._view_of
+            bt = base.tangent
+            if bt is not None:
+                t = self._tangent = derive(bt)
+        return t
+
+    def ensure_tangent(self, chunk: int) -> torch.Tensor:
+        """Materialise a zero tangent in place (for an in-place write), sharing storage with
+        the base's tangent when this Dual is a view."""
+        t = self.tangent
+        if t is not None:
+            return t
+        if self._view_of is not None:
+            base, derive = self._view_of
+            t = derive(base.ensure_tangent(chunk))
+        else:
+            t = self.primal.new_zeros((chunk,) + tuple(self.primal.shape))
+        self._tangent = t
+        self._chunk = chunk
+        return t
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __repr__(self):
+        return f"Dual(primal={self.primal!r}, tangent={self.tangent!r})"
+
+    def __tensor_flatten__(self):
+        t = self.tangent
+        return (["primal", "_tangent"] if t is not None else ["primal"]), None
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        return Dual(inner["primal"], inner.get("_tangent"))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs, None)
+
+
+class DualMode(TorchDispatchMode):
+    """Routes every op through the rule table and wraps every floating tensor result as
+    a Dual, so tensors created inside the function can receive tangents in place."""
+
+    def __init__(self, chunk: int):
+        super().__init__()
+        self.chunk = chunk
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return dispatch(func, args, kwargs, self)
+
+
+def _p(a):
+    if isinstance(a, Dual):
+        return a.primal
+    if isinstance(a, (list, tuple)) and a and any(isinstance(x, Dual) for x in a):
+        return type(a)(x.primal if isinstance(x, Dual) else x for x in a)
+    return a
+
+
+def _t(a):
+    if isinstance(a, Dual):
+        return a.tangent
+    if isinstance(a, (list, tuple)) and a and any(isinstance(x, Dual) for x in a):
+        ts = [x.tangent if isinstance(x, Dual) else None for x in a]
+        return ts if any(t is not None for t in ts) else None
+    return None
+
+
+def _chunk_of(full, mode):
+    if mode is not None:
+        return mode.chunk
+    for a in full:
+        for x in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(x, Dual) and x._chunk is not None:
+                return x._chunk
+    return None
+
+
+# Ops that alias their input but must not carry its tangent.
+_TANGENT_DROPPING_VIEWS = {aten.detach.default}
+
+
+def _is_view(func) -> bool:
+    rets = func._schema.returns
+    return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
+
+
+def dispatch(func, args, kwargs, mode):
+    kwargs = kwargs or {}
+    full = registry.normalize(func, args, kwargs)
+    primals = tuple(_p(a) for a in full)
+    tangents = tuple(_t(a) for a in full)
+    if func._schema.is_mutable:
+        return _mutating(func, full, primals, tangents, mode)
+    out, tout = jvp_op(func, primals, tangents)
+    view_base = None
+    if _is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], Dual):
+        view_base = full[0]
+    return _wrap(func, out, tout, mode, view_base, primals)
+
+
+def _wrap(func, out, tout, mode, view_base, primals, index=None):
+    if isinstance(out, torch.Tensor):
+        view_of = None
+        if view_base is not None:
+            view_of = (view_base, _view_deriver(func, primals, index))
+        if tout is None and mode is None and view_of is None:
+            return out
+        if tout is None and not is_differentiable(out):
+            return out
+        return Dual(out, tout, chunk=mode.chunk if mode is not None else None, _view_of=view_of)
+    if isinstance(out, (tuple, list)):
+        touts = tout if tout is not None else [None] * len(out)
+        return type(out)(_wrap(func, o, t, mode, view_base, primals, i) for i, (o, t) in enumerate(zip(out, touts)))
+    return out
+
+
+def _view_deriver(func, primals, index):
+    """The view op's own rule applied to a base tangent: a real view of that tangent."""
+    rest = tuple(primals[1:])
+    tangents_rest = (None,) * len(rest)
+
+    def derive(base_tangent):
+        _, t = jvp_op(func, (primals[0],) + rest, (base_tangent,) + tangents_rest)
+        return t if index is None else t[index]
+    return derive
+
+
+# ---------------------------------------------------------------------------------------
+# In-place and out= ops: run the functional overload's rule, then write primal and tangent.
+# ---------------------------------------------------------------------------------------
+
+def _functional_overload(func):
+    schema = func._schema
+    packet_name = schema.name.split("::")[1]
+    ns = getattr(torch.ops, func.namespace)
+    is_out = any(a.is_out for a in schema.arguments)
+    if is_out:
+        base = getattr(ns, packet_name, None)
+        want = [a.name for a in schema.arguments if not a.is_out]
+    else:
+        base = getattr(ns, packet_name[:-1], None) if packet_name.endswith("_") else None
+        want = [a.name for a in schema.arguments]
+    if base is None:
+        return None
+    candidates = [func._overloadname] + [o for o in base.overloads() if o != func._overloadname]
+    for name in candidates:
+        op = getattr(base, name, None)
+        if op is None or op._schema.is_mutable:
+            continue
+        if [a.name for a in op._schema.arguments] == want:
+            return op
+    return None
+
+
+def _mutating(func, full, primals, tangents, mode):
+    schema = func._schema
+    written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    if not any(t is not None for t in tangents):
+        # Nothing active flows in, the mutated tensors had no tangent: plain primal op.
+        registry.call_op(func, primals)
+        return _return_mutated(func, full, written)
+    fop = _functional_overload(func)
+    if fop is None:
+        raise registry.NoRuleError(
+            f"torch_fwd: in-place/out= op {func} has no functional counterpart to take its rule "
+            f"from.\n  at {user_source_line()}")
+    keep = [i for i, a in enumerate(schema.arguments) if not a.is_out]
+    out, tout = jvp_op(fop, tuple(primals[i] for i in keep), tuple(tangents[i] for i in keep))
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    touts = tout if isinstance(tout, (tuple, list)) else (tout,) * len(outs)
+    chunk = _chunk_of(full, mode)
+    for target_index, value, tvalue in zip(written, outs, touts):
+        _write(func, full[target_index], value, tvalue, chunk)
+    return _return_mutated(func, full, written)
+
+
+def _return_mutated(func, full, written):
+    rets = [full[i] for i in written]
+    if len(func._schema.returns) == 0:
+        return None
+    return rets[0] if len(rets) == 1 else tuple(rets)
+
+
+def _write(func, target, value, tvalue, chunk):
+    if isinstance(target, Dual):
+        target.primal.copy_(value)
+        if tvalue is None:
+            t = target.tangent
+            if t is not None:
+                t.zero_()
+        else:
+            target.ensure_tangent(chunk).copy_(tvalue)
+        return
+    target.copy_(value)
+    if tvalue is not None:
+        raise RuntimeError(
+            f"torch_fwd: {func} writes a value that has a tangent into a tensor torch_fwd does not "
+            f"track (a tensor from outside the differentiated function, e.g. a global or a module "
+            f"buffer); its tangent would be lost.\n  at {user_source_line()}")
+
+
+# ---------------------------------------------------------------------------------------
+# Running a function on (primal, tangent) pairs: used by jvp's eager path and by the
+# decomposition fallback of both paths.
+# ---------------------------------------------------------------------------------------
+
+def run_with_duals(fn, args, kwargs, targs, tkwargs, what="function"):
+    """Call ``fn`` with Dual-wrapped arguments under a DualMode; return (out, tangent_out)."""
+    chunk = None
+    for t in pytree.tree_leaves((targs, tkwargs)):
+        if isinstance(t, torch.Tensor):
+            chunk = t.shape[0]
+            break
+    if chunk is None:
+        return fn(*args, **kwargs), None
+
+    def wrap(p, t):
+        if isinstance(p, torch.Tensor) and not isinstance(p, Dual):
+            return Dual(p, t, chunk=chunk)
+        return p
+
+    def wrap_tree(ps, ts):
+        if isinstance(ps, (list, tuple)):
+            ts = ts if ts is not None else [None] * len(ps)
+            return type(ps)(wrap_tree(p, t) for p, t in zip(ps, ts))
+        if isinstance(ps, dict):
+            return {k: wrap_tree(v, (ts or {}).get(k)) for k, v in ps.items()}
+        return wrap(ps, ts)
+
+    dargs = wrap_tree(tuple(args), tuple(targs))
+    dkwargs = wrap_tree(dict(kwargs), dict(tkwargs))
+    with DualMode(chunk):
+        out = fn(*dargs, **dkwargs)
+    return unwrap_tree(out)
+
+
+def unwrap_tree(out):
+    flat, spec = pytree.tree_flatten(out)
+    prim = [x.primal if isinstance(x, Dual) else x for x in flat]
+    tan = [x.tangent if isinstance(x, Dual) else None for x in flat]
+    return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(tan, spec)

@@ -1,0 +1,259 @@
+"""Applying the rule table to one op: the code both paths share.
+
+``jvp_op(op, primals, tangents)`` follows the lookup order of docs/design.md. The eager
+path calls it from ``Dual``'s dispatch with real tensors; the graph pass calls it from an
+fx interpreter running under ``make_fx``, so the very same rule is traced into the JVP
+graph. A rule therefore never knows which path it serves.
+"""
+from __future__ import annotations
+
+import traceback
+
+import torch
+import torch.utils._pytree as pytree
+from torch._ops import OpOverload
+
+from . import registry
+from .registry import NoRuleError, call_op, lookup
+from .tangent import is_differentiable
+
+aten = torch.ops.aten
+
+# Where an error should point: set by the graph pass to the fx node's stack trace; the
+# eager path reads the Python stack instead.
+_source_hint: list[str | None] = [None]
+
+
+def user_source_line() -> str:
+    if _source_hint[0]:
+        return _source_hint[0]
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        f = frame.filename
+        if "/torch/" in f or "/torch_fwd/" in f or "/rules/" in f or f.startswith("<frozen"):
+            continue
+        return f'File "{f}", line {frame.lineno}, in {frame.name}\n    {frame.line}'
+    return "(unknown source line)"
+
+
+def any_active(tangents) -> bool:
+    for t in tangents:
+        if t is None:
+            continue
+        if isinstance(t, (list, tuple)):
+            if any(x is not None for x in t):
+                return True
+        else:
+            return True
+    return False
+
+
+def _fix_tangent(op, out, tout):
+    """Drop tangents of non-differentiable outputs and check shapes, so that a faulty
+    rule fails here, loudly, instead of producing a wrong answer downstream."""
+    if tout is None:
+        return None
+    if isinstance(out, torch.Tensor):
+        if not is_differentiable(out):
+            return None
+        if not isinstance(tout, torch.Tensor):
+            raise RuntimeError(f"frule for {op} returned a {type(tout).__name__} tangent for a tensor output")
+        if tout.shape[1:] != out.shape:
+            try:
+                tout = tout.expand((tout.shape[0],) + tuple(out.shape))
+            except RuntimeError:
+                raise RuntimeError(
+                    f"frule for {op} returned a tangent of shape {tuple(tout.shape)} for an output of "
+                    f"shape {tuple(out.shape)} (expected (K, *output.shape))") from None
+        if tout.dtype != out.dtype:
+            tout = tout.to(out.dtype)
+        return tout
+    if isinstance(out, (tuple, list)):
+        if not isinstance(tout, (tuple, list)) or len(tout) != len(out):
+            raise RuntimeError(f"frule for {op} returned tangents that do not mirror its {len(out)} outputs")
+        return type(tout)(_fix_tangent(op, o, t) for o, t in zip(out, tout))
+    return None
+
+
+def jvp_op(op, primals: tuple, tangents: tuple):
+    """(primal_out, tangent_out) of ``op`` at ``primals`` along ``tangents`` (normalized)."""
+    if not any_active(tangents):
+        return call_op(op, primals), None
+    rule = lookup(op)
+    if rule is not None:
+        out, tout = rule(primals, tangents)
+        return out, _fix_tangent(op, out, tout)
+    return _fallback(op, primals, tangents)
+
+
+# ---------------------------------------------------------------------------------------
+# Fallbacks: decomposition, PyTorch's forward-AD formula, the double-vjp identity.
+# ---------------------------------------------------------------------------------------
+
+def _decomposition(op):
+    from torch._decomp import decomposition_table
+    fn = decomposition_table.get(op)
+    if fn is not None:
+        return fn
+    if isinstance(op, OpOverload) and torch._C._dispatch_has_kernel_for_dispatch_key(
+            op.name(), "CompositeImplicitAutograd"):
+        return op.decompose
+    return None
+
+
+# Ops whose PyTorch forward-AD formula is known to be wrong: never use it for them.
+KNOWN_WRONG_FORWARD_AD = {aten.cholesky_inverse.default}
+
+
+def _fallback(op, primals, tangents):
+    decomp = _decomposition(op)
+    if decomp is not None:
+        res = _run_decomposition(op, decomp, primals, tangents)
+        if res[0] is not NotImplemented:
+            return res[0], _fix_tangent(op, res[0], res[1])
+    if isinstance(op, OpOverload) and op.namespace in ("aten", "prims") and op not in KNOWN_WRONG_FORWARD_AD:
+        res = _forward_ad(op, primals, tangents)
+        if res is not None:
+            return res
+    res = _double_vjp(op, primals, tangents)
+    if res is not None:
+        return res
+    raise NoRuleError(
+        f"torch_fwd has no forward rule for {op}, it has no decomposition, and PyTorch has no "
+        f"forward-AD formula or backward for it.\n  at {user_source_line()}\n"
+        f"Register one with torch_fwd.register_frule({op}, rule), where "
+        f"rule(primals, tangents) returns (primal_out, tangent_out) and tangents carry the "
+        f"chunk dimension first (None means zero).")
+
+
+def _run_decomposition(op, decomp, primals, tangents):
+    from .dual import run_with_duals
+    args, kwargs = _split(op, primals)
+    targs, tkwargs = _split(op, tangents)
+    return run_with_duals(lambda *a, **k: decomp(*a, **k), args, kwargs, targs, tkwargs, op)
+
+
+def _split(op, full):
+    schema = registry._schema(op)
+    pos, kw = [], {}
+    for (name, kwonly, _h, _d), a in zip(schema, full):
+        if kwonly:
+            kw[name] = a
+        else:
+            pos.append(a)
+    return tuple(pos), kw
+
+
+def _active_slots(primals, tangents):
+    slots = []
+    for i, (p, t) in enumerate(zip(primals, tangents)):
+        if t is None:
+            continue
+        if isinstance(t, (list, tuple)):
+            for j, tj in enumerate(t):
+                if tj is not None:
+                    slots.append((i, j))
+        else:
+            slots.append((i, None))
+    return slots
+
+
+def _substitute(primals, slots, values):
+    args = [list(a) if isinstance(a, (list, tuple)) else a for a in primals]
+    for (i, j), v in zip(slots, values):
+        if j is None:
+            args[i] = v
+        else:
+            args[i][j] = v
+    return tuple(args)
+
+
+def _get(seq, slot):
+    i, j = slot
+    return seq[i] if j is None else seq[i][j]
+
+
+def _forward_ad(op, primals, tangents):
+    """PyTorch's own forward formula for this single op, one chunk direction at a time
+    (a fallback: correct, not fast). Returns None when PyTorch has no formula."""
+    from torch.autograd import forward_ad as fwAD
+    slots = _active_slots(primals, tangents)
+    k = _get(tangents, slots[0]).shape[0]
+    out = None
+    per_k = []
+    try:
+        for c in range(k):
+            with fwAD.dual_level():
+                duals = [fwAD.make_dual(_get(primals, s), _get(tangents, s)[c]) for s in slots]
+                res = call_op(op, _substitute(primals, slots, duals))
+                flat, spec = pytree.tree_flatten(res)
+                unpacked = [fwAD.unpack_dual(r) if isinstance(r, torch.Tensor) else None for r in flat]
+            if out is None:
+                out = pytree.tree_unflatten([u.primal if u is not None else r for u, r in zip(unpacked, flat)], spec)
+            per_k.append([u.tangent if u is not None else None for u in unpacked])
+    except (RuntimeError, NotImplementedError) as e:
+        if "forward AD" in str(e) or "forward-mode" in str(e) or "not implemented" in str(e).lower():
+            return None
+        raise
+    flat_out, spec = pytree.tree_flatten(out)
+    touts = []
+    for idx, o in enumerate(flat_out):
+        if not is_differentiable(o):
+            touts.append(None)
+            continue
+        ts = [row[idx] for row in per_k]
+        if any(t is None for t in ts):
+            # PyTorch marks this output non-differentiable although it is floating:
+            # its "zero" would be a silent wrong answer (e.g. special.bessel_j0).
+            return None
+        touts.append(torch.stack(ts))
+    return out, pytree.tree_unflatten(touts, spec)
+
+
+def _has_backward(op) -> bool:
+    if not isinstance(op, OpOverload):
+        return False
+    if op.namespace in ("aten", "prims"):
+        return True
+    try:
+        from torch._library.custom_ops import OPDEFS
+        opdef = OPDEFS.get(f"{op.namespace}::{op._opname}")
+        return opdef is not None and getattr(opdef, "_backward_fn", None) is not None
+    except Exception:
+        return False
+
+
+def _double_vjp(op, primals, tangents):
+    """J v = d/du <J^T u, v>: two reverse passes, exact; for ops with only a backward."""
+    if not _has_backward(op):
+        return None
+    slots = _active_slots(primals, tangents)
+    with torch.enable_grad():
+        leaves = [_get(primals, s).detach().requires_grad_(True) for s in slots]
+        out = call_op(op, _substitute(primals, slots, leaves))
+        flat, spec = pytree.tree_flatten(out)
+        diff = [i for i, o in enumerate(flat) if is_differentiable(o) and o.requires_grad]
+        if not diff:
+            return None
+        us = [torch.zeros_like(flat[i], requires_grad=True) for i in diff]
+        try:
+            grads = torch.autograd.grad([flat[i] for i in diff], leaves, us, create_graph=True, allow_unused=True)
+        except RuntimeError as e:
+            if "derivative for" in str(e) and "not implemented" in str(e):
+                return None
+            raise
+        k = _get(tangents, slots[0]).shape[0]
+        touts = [[] for _ in diff]
+        for c in range(k):
+            dot = sum((g * _get(tangents, s)[c]).sum() for g, s in zip(grads, slots) if g is not None)
+            if not isinstance(dot, torch.Tensor) or not dot.requires_grad:
+                for lst, i in zip(touts, diff):
+                    lst.append(torch.zeros_like(flat[i]))
+                continue
+            jv = torch.autograd.grad(dot, us, retain_graph=True, allow_unused=True)
+            for lst, j, i in zip(touts, jv, diff):
+                lst.append(torch.zeros_like(flat[i]) if j is None else j)
+    result = [o.detach() if isinstance(o, torch.Tensor) else o for o in flat]
+    tflat = [None] * len(flat)
+    for lst, i in zip(touts, diff):
+        tflat[i] = torch.stack(lst).detach()
+    return pytree.tree_unflatten(result, spec), pytree.tree_unflatten(tflat, spec)

@@ -1,0 +1,144 @@
+"""The one frule table, and the lookup order both paths use.
+
+A rule is ``rule(primals, tangents) -> (primal_out, tangent_out)``: ``primals`` are the
+op's arguments in schema order (keyword-only ones included, defaults filled in, so a rule
+can unpack them by position), ``tangents`` the matching tangents (``None`` for a zero
+tangent or a non-differentiable argument; a list for a ``Tensor[]`` argument), each with
+the chunk dimension first. ``tangent_out`` mirrors ``primal_out``; ``None`` is zero.
+
+Lookup order (docs/design.md): user rule, library rule, decomposition, PyTorch's
+forward-AD formula batched over the chunk, the double-vjp identity, then NoRuleError.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+from typing import Any, Callable
+
+import torch
+from torch._ops import OpOverload, OpOverloadPacket
+
+__all__ = ["NoRuleError", "register_frule", "frule", "lookup", "normalize", "call_op", "library_rule"]
+
+Rule = Callable[[tuple, tuple], tuple[Any, Any]]
+
+_lock = threading.RLock()
+_LIBRARY: dict[OpOverload, Rule] = {}
+_USER: dict[Any, Rule] = {}
+# Bumped on every registration, so that cached JVP graphs built under an older table
+# are never reused (a stale rule would be a silent wrong answer).
+_generation = [0]
+
+
+class NoRuleError(NotImplementedError):
+    """No forward rule, decomposition or forward-AD formula exists for an op."""
+
+
+def generation() -> int:
+    return _generation[0]
+
+
+def _check_key(op):
+    if isinstance(op, (OpOverload, OpOverloadPacket)):
+        return
+    raise TypeError(f"register_frule: op must be an OpOverload or OpOverloadPacket (an ATen op, or a "
+                    f"torch.library custom op such as torch.ops.mylib.myop), got {type(op).__name__}")
+
+
+def register_frule(op, rule: Rule) -> Rule:
+    """Register a user rule for ``op`` (an ATen/custom OpOverload or packet, or a Python
+    function, which then stays one opaque call in captured graphs, like jax.custom_jvp).
+
+    User rules take precedence over library rules, in the eager and the graph path.
+    """
+    _check_key(op)
+    if not callable(rule):
+        raise TypeError(f"register_frule: rule must be callable, got {type(rule).__name__}")
+    with _lock:
+        _USER[op] = rule
+        _generation[0] += 1
+    return rule
+
+
+def frule(op):
+    """Decorator form of :func:`register_frule`."""
+    def deco(rule):
+        register_frule(op, rule)
+        return rule
+    return deco
+
+
+def library_rule(*ops: OpOverload):
+    """Decorator used by ``rules/``: register one rule for several overloads."""
+    def deco(rule):
+        for op in ops:
+            if not isinstance(op, OpOverload):
+                raise TypeError(f"library rules are keyed by OpOverload, got {op!r}")
+            _LIBRARY[op] = rule
+        _generation[0] += 1
+        return rule
+    return deco
+
+
+def unregister_frule(op) -> None:
+    with _lock:
+        _USER.pop(op, None)
+        _generation[0] += 1
+
+
+def is_functional(op: OpOverload) -> bool:
+    return not op._schema.is_mutable
+
+
+def lookup(op) -> Rule | None:
+    """User rule (overload, then packet for functional overloads), then library rule."""
+    rule = _USER.get(op)
+    if rule is not None:
+        return rule
+    if isinstance(op, OpOverload):
+        # A packet rule never applies to an out= or in-place overload: those reach the
+        # functional rule through functionalization / the eager path's mutation handling.
+        if is_functional(op):
+            rule = _USER.get(op.overloadpacket)
+            if rule is not None:
+                return rule
+        return _LIBRARY.get(op)
+    return None
+
+
+def has_library_rule(op) -> bool:
+    return op in _LIBRARY
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(op: OpOverload):
+    return tuple((a.name, a.kwarg_only, a.has_default_value(), a.default_value if a.has_default_value() else None)
+                 for a in op._schema.arguments)
+
+
+def normalize(op: OpOverload, args: tuple, kwargs: dict | None) -> tuple:
+    """All of an op's arguments, positional, in schema order, defaults filled in."""
+    schema = _schema(op)
+    if not kwargs and len(args) == len(schema):
+        return tuple(args)
+    out = list(args)
+    for name, _kwonly, has_default, default in schema[len(args):]:
+        if kwargs and name in kwargs:
+            out.append(kwargs[name])
+        elif has_default:
+            out.append(default)
+        else:
+            raise TypeError(f"{op}: missing argument {name!r}")
+    return tuple(out)
+
+
+def call_op(op: OpOverload, full_args) -> Any:
+    """Call ``op`` with arguments in the layout :func:`normalize` returns."""
+    schema = _schema(op)
+    pos, kw = [], {}
+    for (name, kwonly, _h, _d), a in zip(schema, full_args):
+        if kwonly:
+            kw[name] = a
+        else:
+            pos.append(a)
+    return op(*pos, **kw)

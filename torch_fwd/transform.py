@@ -1,0 +1,161 @@
+"""The forward-mode pass: an ATen fx graph -> its JVP graph.
+
+The pass interprets the ATen graph with ``Dual`` values under ``DualMode`` while
+``make_fx`` records what runs. The rules are therefore literally the eager path's; what
+``make_fx`` records is the JVP graph:
+
+- activity analysis: a node whose inputs carry no tangent runs its primal op only (the
+  symbolic zero ``None`` never becomes a tensor), so ``W2 @ tanh(W1 @ x)`` differentiated
+  along x holds two tangent matmuls, none against a weight's zero tangent;
+- dead-code elimination (fx's, which keeps mutating ops) drops unused tangents;
+- common-subexpression elimination (``torch.fx.passes.dialect.common.cse_pass``), with
+  random and mutating ops banned, merges work a rule recomputed.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
+
+from . import engine
+from .dual import Dual, DualMode
+
+__all__ = ["JVPGraph", "build_jvp_graph"]
+
+aten = torch.ops.aten
+
+
+class _SourceInterpreter(fx.Interpreter):
+    """Runs a graph node by node, pointing errors at the user's source line."""
+
+    def run_node(self, n):
+        prev = engine._source_hint[0]
+        engine._source_hint[0] = _stack_line(n)
+        try:
+            return super().run_node(n)
+        finally:
+            engine._source_hint[0] = prev
+
+
+def _stack_line(n: fx.Node) -> str | None:
+    st = n.meta.get("stack_trace")
+    if not st:
+        return None
+    lines = [ln for ln in st.strip().splitlines() if ln.strip()]
+    # the innermost user frame is the last 'File' line with its code line
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].lstrip().startswith("File") and "/torch/" not in lines[i]:
+            return "\n".join(lines[i:i + 2]).strip()
+    return lines[-1]
+
+
+def mutated_placeholders(gm: fx.GraphModule) -> set[int]:
+    """Indices of placeholders an op writes into (input mutations after functionalization)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    index = {n: i for i, n in enumerate(phs)}
+    out = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        for a, arg in zip(n.target._schema.arguments, n.args):
+            if a.alias_info is not None and a.alias_info.is_write and isinstance(arg, fx.Node) and arg in index:
+                out.add(index[arg])
+    return out
+
+
+@dataclasses.dataclass
+class JVPGraph:
+    """A JVP graph: ``gm(*primals, *active_tangents)`` returns
+    ``(*outputs, *active_output_tangents, *mutated_input_tangents)``."""
+    gm: fx.GraphModule
+    n_inputs: int
+    active_inputs: tuple[bool, ...]
+    n_outputs: int
+    active_outputs: tuple[bool, ...]
+    mutated_inputs: tuple[int, ...]
+    chunk: int
+
+    def __call__(self, primals, tangents):
+        """primals: all graph inputs; tangents: one per input (None: zero). Returns
+        (outputs, output tangents with None for zero, {input index: new tangent})."""
+        args = list(primals) + [t for t, a in zip(tangents, self.active_inputs) if a]
+        res = self.gm(*args)
+        outs = list(res[:self.n_outputs])
+        it = iter(res[self.n_outputs:])
+        touts = [next(it) if a else None for a in self.active_outputs]
+        mutated = {i: next(it) for i in self.mutated_inputs}
+        return outs, touts, mutated
+
+
+def _cse(gm: fx.GraphModule) -> fx.GraphModule:
+    banned = set(get_CSE_banned_ops())
+    for n in gm.graph.nodes:
+        t = n.target
+        # batch_norm updates running statistics without saying so in its schema
+        if isinstance(t, torch._ops.OpOverload) and (t._schema.is_mutable or "batch_norm" in t.name()):
+            banned.add(t.overloadpacket)
+    return CSEPass(banned).call(gm).graph_module
+
+
+def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chunk: int,
+                    zeros_for_inactive: bool = False) -> JVPGraph:
+    """Trace the JVP of ``aten_gm`` (a functional ATen graph, e.g. from capture.to_aten).
+
+    ``example_inputs`` may be real or fake tensors; tracing uses fake tensors. Raises
+    whatever the rules raise (NoRuleError names the op and the user's source line).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    active_inputs = tuple(bool(a) for a in active_inputs)
+    mutated = sorted(mutated_placeholders(aten_gm))
+    record: dict = {}
+
+    def jvp_fn(*flat):
+        n = len(active_inputs)
+        primals, tans = flat[:n], iter(flat[n:])
+        duals = []
+        for i, (p, a) in enumerate(zip(primals, active_inputs)):
+            if not isinstance(p, torch.Tensor):
+                duals.append(p)
+                continue
+            t = next(tans) if a else None
+            if t is not None and i in mutated:
+                t = t.clone()  # never write into the caller's tangent
+            duals.append(Dual(p, t, chunk=chunk))
+        with DualMode(chunk):
+            outs = _SourceInterpreter(aten_gm).run(*duals)
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        prim = [o.primal if isinstance(o, Dual) else o for o in outs]
+        touts = [o.tangent if isinstance(o, Dual) else None for o in outs]
+        if zeros_for_inactive:
+            touts = [t if t is not None or not isinstance(p, torch.Tensor) else
+                     p.new_zeros((chunk,) + tuple(p.shape)) for t, p in zip(touts, prim)]
+        record["active_outputs"] = tuple(t is not None for t in touts)
+        record["n_outputs"] = len(outs)
+        mut = [duals[i].tangent for i in mutated]
+        # a mutated input whose new value has no tangent gets an explicit zero
+        mut = [t if t is not None else torch.zeros((chunk,) + tuple(duals[i].shape), dtype=duals[i].dtype,
+                                                   device=duals[i].device) for t, i in zip(mut, mutated)]
+        return tuple(prim) + tuple(t for t in touts if t is not None) + tuple(mut)
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+
+    def fake(x):
+        if isinstance(x, torch.Tensor):
+            return fake_mode.from_tensor(x)
+        return x
+
+    with fake_mode:
+        fake_primals = [fake(x) for x in example_inputs]
+        # tangents are traced contiguous; callers pass them contiguous (api.py ensures it)
+        fake_tangents = [torch.empty((chunk,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+                         for x, a in zip(fake_primals, active_inputs) if a]
+        gm = make_fx(jvp_fn, tracing_mode="real")(*fake_primals, *fake_tangents)
+    gm.graph.eliminate_dead_code()
+    gm = _cse(gm)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return JVPGraph(gm, len(active_inputs), active_inputs, record["n_outputs"], record["active_outputs"],
+                    tuple(mutated), chunk)
