@@ -26,7 +26,7 @@ def case(name, fn, make_args, **kw) -> Case:
 
 
 def randn(*shape, positive=False, low=None):
-    x = torch.randn(*shape, dtype=torch.float64)
+    x = torch.randn(tuple(shape), dtype=torch.float64)
     if positive:
         x = x.abs() + 0.5
     if low is not None:
@@ -35,4 +35,4 @@ def randn(*shape, positive=False, low=None):
 
 
 def rand(*shape, lo=0.0, hi=1.0):
-    return torch.rand(*shape, dtype=torch.float64) * (hi - lo) + lo
+    return torch.rand(tuple(shape), dtype=torch.float64) * (hi - lo) + lo

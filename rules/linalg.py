@@ -81,7 +81,7 @@ def _cholesky_tangent(L, tA):
 
 def _cholesky_ex(p, t):
     A, upper, check = p
-    L, info = aten.linalg_cholesky_ex.default(A, upper, check)
+    L, info = call_op(aten.linalg_cholesky_ex.default, p)
     if t[0] is None:
         return (L, info), None
     low = L.mT if upper else L

@@ -9,6 +9,7 @@ import math
 import torch
 
 from torch_fwd.combinators import shift_dim
+from torch_fwd.engine import above_dispatch
 from torch_fwd.registry import call_op, library_rule
 from torch_fwd.tangent import align, tadd
 
@@ -194,8 +195,10 @@ def _convolution(p, t):
         ty = aten.convolution.default(folded, w, None, stride, padding, dilation, transposed, output_padding, groups)
         out = ty.reshape((k,) + tuple(y.shape))
     if tw is not None:
-        out = tadd(out, torch.vmap(lambda wk: aten.convolution.default(
-            x, wk, None, stride, padding, dilation, transposed, output_padding, groups))(tw))
+        with above_dispatch():
+            tyw = torch.vmap(lambda wk: aten.convolution.default(
+                x, wk, None, stride, padding, dilation, transposed, output_padding, groups))(tw)
+        out = tadd(out, tyw)
     if tb is not None:
         out = tadd(out, tb.reshape((tb.shape[0], 1, -1) + (1,) * (y.dim() - 2)))
     return y, out

@@ -101,6 +101,13 @@ def _backend(gm, example_inputs):
     return _CompiledGraph(gm, example_inputs)
 
 
+def _DYNAMO_SETTINGS():
+    # Many closures of one code object (a lambda made in a loop) are a normal pattern:
+    # each is a recompile. Past the limit dynamo must fail loudly, never run uncompiled.
+    return torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=8192,
+                                      fail_on_recompile_limit_hit=True)
+
+
 class GuardedCapture:
     """One per user function: dynamo's guarded cache around our backend."""
 
@@ -120,7 +127,8 @@ class GuardedCapture:
         ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}
         ch.chunk, ch.results, ch.ran, ch.error = chunk, {}, 0, None
         try:
-            out = self.compiled(*args, **kwargs)
+            with _DYNAMO_SETTINGS():
+                out = self.compiled(*args, **kwargs)
             if ch.ran == 0:
                 # Nothing compiled ran (an empty graph, or dynamo declined): the eager
                 # path decides, so that no output is ever given a tangent by guesswork.

@@ -86,6 +86,8 @@ def linear_vmap(op, argnum: int = 0):
             q = list(p)
             q[argnum] = ti
             return call_op(op, q)
-        return y, torch.vmap(f)(tx)
+        from .engine import above_dispatch
+        with above_dispatch():
+            return y, torch.vmap(f)(tx)
     rule.__name__ = f"linear_vmap_rule_{op}"
     return rule

@@ -170,7 +170,8 @@ def _wrap(func, out, tout, mode, view_base, primals, index=None):
         return Dual(out, tout, chunk=mode.chunk if mode is not None else None, _view_of=view_of)
     if isinstance(out, (tuple, list)):
         touts = tout if tout is not None else [None] * len(out)
-        return type(out)(_wrap(func, o, t, mode, view_base, primals, i) for i, (o, t) in enumerate(zip(out, touts)))
+        items = [_wrap(func, o, t, mode, view_base, primals, i) for i, (o, t) in enumerate(zip(out, touts))]
+        return type(out)(*items) if hasattr(type(out), "_fields") else type(out)(items)
     return out
 
 

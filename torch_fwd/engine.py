@@ -15,7 +15,7 @@ from torch._ops import OpOverload
 
 from . import registry
 from .registry import NoRuleError, call_op, lookup
-from .tangent import is_differentiable
+from .tangent import align, is_differentiable
 
 aten = torch.ops.aten
 
@@ -33,6 +33,15 @@ def user_source_line() -> str:
             continue
         return f'File "{f}", line {frame.lineno}, in {frame.name}\n    {frame.line}'
     return "(unknown source line)"
+
+
+def above_dispatch():
+    """Re-enable the dispatch keys above Python (autograd, forward AD, vmap) for code run
+    from inside ``__torch_dispatch__``, where PyTorch excludes them. The fallbacks (forward
+    AD, double vjp) and vmap-based rules need them. Modes still on the stack (make_fx's
+    proxy mode in the graph pass) keep seeing every op."""
+    include = torch._C._dispatch_tls_local_include_set()
+    return torch._C._ForceDispatchKeyGuard(include, include - include)
 
 
 def any_active(tangents) -> bool:
@@ -59,7 +68,8 @@ def _fix_tangent(op, out, tout):
             raise RuntimeError(f"frule for {op} returned a {type(tout).__name__} tangent for a tensor output")
         if tout.shape[1:] != out.shape:
             try:
-                tout = tout.expand((tout.shape[0],) + tuple(out.shape))
+                # a lower-rank tangent broadcasts after the chunk dim, never into it
+                tout = align(tout, out.dim()).expand((tout.shape[0],) + tuple(out.shape))
             except RuntimeError:
                 raise RuntimeError(
                     f"frule for {op} returned a tangent of shape {tuple(tout.shape)} for an output of "
@@ -70,7 +80,7 @@ def _fix_tangent(op, out, tout):
     if isinstance(out, (tuple, list)):
         if not isinstance(tout, (tuple, list)) or len(tout) != len(out):
             raise RuntimeError(f"frule for {op} returned tangents that do not mirror its {len(out)} outputs")
-        return type(tout)(_fix_tangent(op, o, t) for o, t in zip(out, tout))
+        return tuple(_fix_tangent(op, o, t) for o, t in zip(out, tout))
     return None
 
 
@@ -107,10 +117,13 @@ KNOWN_WRONG_FORWARD_AD = {aten.cholesky_inverse.default}
 def _fallback(op, primals, tangents):
     decomp = _decomposition(op)
     if decomp is not None:
-        res = _run_decomposition(op, decomp, primals, tangents)
+        try:
+            res = _run_decomposition(op, decomp, primals, tangents)
+        except NoRuleError:
+            res = (NotImplemented, None)  # a part has no rule: try the op's own formula
         if res[0] is not NotImplemented:
             return res[0], _fix_tangent(op, res[0], res[1])
-    if isinstance(op, OpOverload) and op.namespace in ("aten", "prims") and op not in KNOWN_WRONG_FORWARD_AD:
+    if isinstance(op, OpOverload) and op.namespace == "aten" and op not in KNOWN_WRONG_FORWARD_AD:
         res = _forward_ad(op, primals, tangents)
         if res is not None:
             return res
@@ -182,7 +195,7 @@ def _forward_ad(op, primals, tangents):
     per_k = []
     try:
         for c in range(k):
-            with fwAD.dual_level():
+            with above_dispatch(), fwAD.dual_level():
                 duals = [fwAD.make_dual(_get(primals, s), _get(tangents, s)[c]) for s in slots]
                 res = call_op(op, _substitute(primals, slots, duals))
                 flat, spec = pytree.tree_flatten(res)
@@ -212,7 +225,7 @@ def _forward_ad(op, primals, tangents):
 def _has_backward(op) -> bool:
     if not isinstance(op, OpOverload):
         return False
-    if op.namespace in ("aten", "prims"):
+    if op.namespace == "aten":
         return True
     try:
         from torch._library.custom_ops import OPDEFS
@@ -227,7 +240,7 @@ def _double_vjp(op, primals, tangents):
     if not _has_backward(op):
         return None
     slots = _active_slots(primals, tangents)
-    with torch.enable_grad():
+    with above_dispatch(), torch.enable_grad():
         leaves = [_get(primals, s).detach().requires_grad_(True) for s in slots]
         out = call_op(op, _substitute(primals, slots, leaves))
         flat, spec = pytree.tree_flatten(out)
