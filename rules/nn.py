@@ -328,7 +328,7 @@ TEST_CASES = [
     case("dropout_eval", lambda x: F.dropout(x, 0.5, training=False), lambda: (randn(3, 4),)),
     case("sdpa", SDPA, lambda: _qkv()),
     case("sdpa_causal_scale", lambda q, k, v: SDPA(q, k, v, is_causal=True, scale=0.3), lambda: _qkv(S=5)),
-    case("sdpa_bool_mask", lambda q, k, v: SDPA(q, k, v, attn_mask=torch.rand(5, 6) > 0.3), lambda: _qkv()),
+    case("sdpa_bool_mask", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (torch.rand(5, 6) > 0.3,)),
     case("sdpa_float_mask_tangent", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (randn(5, 6),)),
     case("sdpa_gqa", lambda q, k, v: SDPA(q, k, v, enable_gqa=True), lambda: _qkv(h=4, hk=2), check_torch_func=False),
     case("cross_entropy", lambda x: F.cross_entropy(x, torch.tensor([1, 0, 3])), lambda: (randn(3, 4),)),

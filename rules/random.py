@@ -39,7 +39,7 @@ def _normal_tt(p, t):
 library_rule(aten.normal.Tensor_Tensor)(_normal_tt)
 
 TEST_CASES = [
-    case("like_factories", lambda x: torch.zeros_like(x) + torch.ones_like(x) * x + x.new_full((3, 4), 2.0) + x.detach(),
+    case("like_factories", lambda x: torch.zeros_like(x) + torch.ones_like(x) * x + x.new_full((3, 4), 2.0) + torch.empty_like(x).fill_(1.0),
          lambda: (randn(3, 4),)),
     case("bernoulli_mask", lambda x: x * torch.bernoulli(torch.full_like(x, 1.0)), lambda: (randn(3, 4),)),
     # .item()/.tolist() give Python numbers, which carry no tangent: used for control flow only.

@@ -218,7 +218,7 @@ reg(aten.logsumexp.default, _logsumexp)
 TEST_CASES = [
     case("sum", torch.sum, lambda: (randn(3, 4),)),
     case("sum_dim", lambda x: x.sum(dim=(0, -1), keepdim=True), lambda: (randn(2, 3, 4),)),
-    case("sum_dtype", lambda x: x.sum(1, dtype=torch.float32).double(), lambda: (randn(2, 3),), atol=1e-5, rtol=1e-4),
+    case("sum_dtype", lambda x: x.sum(1, dtype=torch.float32).double(), lambda: (randn(2, 3),), atol=1e-3, rtol=1e-3),
     case("sum_scalar", lambda x: x.sum(), lambda: (randn(),)),
     case("mean", lambda x: x.mean() + x.mean(-1).sum(), lambda: (randn(3, 4),)),
     case("prod", torch.prod, lambda: (randn(5),)),

@@ -143,7 +143,7 @@ TEST_CASES = [
     case("squeeze_unsqueeze", lambda x: x.unsqueeze(0).unsqueeze(-1).squeeze(0).squeeze() + x.squeeze(1).unsqueeze(1),
          lambda: (randn(3, 1),)),
     case("flatten", lambda x: torch.flatten(x, 1), lambda: (randn(2, 3, 4),)),
-    case("cat_stack", lambda a, b: torch.cat([a, b * 2], 1).sum(0) + torch.stack([a, b], -1).sum((1, 2)),
+    case("cat_stack", lambda a, b: torch.cat([a, b * 2], 1).sum(1) + torch.stack([a, b], -1).sum((1, 2)),
          lambda: (randn(3, 4), randn(3, 4))),
     case("cat_one_active", lambda a: torch.cat([a, torch.ones(3, 2, dtype=a.dtype)], 1), lambda: (randn(3, 4),)),
     case("split", lambda x: sum(s.sum(0) for s in torch.split(x, [1, 3], dim=1)), lambda: (randn(3, 4),)),
@@ -157,7 +157,7 @@ TEST_CASES = [
     case("diag_embed", lambda x: torch.diag_embed(x), lambda: (randn(2, 3),)),
     case("movedim", lambda x: x.movedim(0, -1), lambda: (randn(2, 3, 4),)),
     case("unfold", lambda x: x.unfold(1, 2, 1), lambda: (randn(2, 5),)),
-    case("to_dtype", lambda x: x.float().double() * 2, lambda: (randn(3),), atol=1e-5, rtol=1e-4),
+    case("to_dtype", lambda x: x.float().double() * 2, lambda: (randn(3),), atol=1e-3, rtol=1e-3),
     case("as_strided", lambda x: x.as_strided((2, 2), (1, 2)), lambda: (randn(6),)),
     case("clone_contig", lambda x: x.t().contiguous().clone(), lambda: (randn(3, 4),)),
 ]

@@ -80,6 +80,13 @@ class Dual(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
+    # Python numbers and NumPy arrays carry no tangent (as with .item()): for control flow.
+    def tolist(self):
+        return self.primal.tolist()
+
+    def numpy(self, *, force=False):
+        return self.primal.numpy(force=force)
+
     def __repr__(self):
         return f"Dual(primal={self.primal!r}, tangent={self.tangent!r})"
 

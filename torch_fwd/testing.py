@@ -105,7 +105,7 @@ def _check_against_fd(g, primals, direction, ours, outs, atol, rtol, where):
         for i, (a, b) in enumerate(zip(ours, fd)):
             if b is None:
                 continue
-            if not _close(a.to(b.dtype), b, max(atol, 1e-5), max(rtol, 1e-4)):
+            if not _close(a.to(b.dtype), b, max(atol, 1e-5), max(rtol, 1e-4)):  # FD noise floor
                 ok = False
                 err = (a - b).abs().max().item() if a.shape == b.shape else float("inf")
                 if best is None or err < best[0]:
