@@ -98,6 +98,10 @@ class _CompiledGraph:
 
 
 def _backend(gm, example_inputs):
+    from .rules.custom import refuse_user_jvp_functions
+    name = refuse_user_jvp_functions(gm)
+    if name is not None:
+        raise CaptureFailed(f"autograd.Function {name} defines jvp, which dynamo would inline past")
     return _CompiledGraph(gm, example_inputs)
 
 

@@ -1,0 +1,181 @@
+"""User-defined differentiation: ``autograd.Function`` classes with a ``jvp`` staticmethod.
+
+(``torch.library`` custom ops need nothing here: they reach the rule table as one op, and
+a user rule registered for them with ``torch_fwd.register_frule`` is found first. One
+with no rule falls back to the double-vjp identity when it has a registered backward, and
+is a NoRuleError otherwise -- never a silent zero.)
+
+An ``autograd.Function`` is not an op: PyTorch runs its ``forward`` in Python. For a
+Function that defines ``jvp``, the eager path routes ``apply`` on ``Dual`` inputs to that
+``jvp`` (both the ``setup_context`` and the old ``forward(ctx, ...)`` styles), one chunk
+direction at a time. Dynamo inlines such a Function's forward and would silently drop
+the user's ``jvp``, so the capture refuses graphs that contain one
+(``refuse_user_jvp_functions``) and the eager path runs instead.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.utils._pytree as pytree
+
+from torch_fwd.dual import Dual, unwrap_tree
+
+from ._cases import case, randn
+
+_Function = torch.autograd.Function
+_original_apply = _Function.apply.__func__
+
+
+def has_user_jvp(cls) -> bool:
+    return getattr(cls, "jvp", None) is not None and cls.jvp is not _Function.jvp
+
+
+class _JvpCtx:
+    """The part of autograd's ctx a forward/setup_context/jvp uses."""
+
+    def __init__(self, n_inputs):
+        self._saved = ()
+        self.needs_input_grad = (True,) * n_inputs
+        self.materialize_grads = True
+
+    def save_for_backward(self, *tensors):
+        self._saved = tensors
+
+    save_for_forward = save_for_backward
+
+    @property
+    def saved_tensors(self):
+        return self._saved
+
+    def mark_dirty(self, *args):
+        pass
+
+    def mark_non_differentiable(self, *args):
+        pass
+
+    def set_materialize_grads(self, value):
+        self.materialize_grads = value
+
+
+def _uses_setup_context(cls) -> bool:
+    return getattr(cls.setup_context, "__func__", cls.setup_context) is not _Function.setup_context.__func__ \
+        if hasattr(_Function.setup_context, "__func__") else cls.setup_context is not _Function.setup_context
+
+
+def _function_jvp(cls, args, kwargs):
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    chunk = next(x._chunk for x in flat if isinstance(x, Dual) and x._chunk is not None)
+    primals = [x.primal if isinstance(x, Dual) else x for x in flat]
+    tangents = [x.tangent if isinstance(x, Dual) else None for x in flat]
+    p_args, p_kwargs = pytree.tree_unflatten(primals, spec)
+    ctx = _JvpCtx(len(p_args))
+    if _uses_setup_context(cls):
+        out = cls.forward(*p_args, **p_kwargs)
+        cls.setup_context(ctx, tuple(p_args), out)
+    else:
+        out = cls.forward(ctx, *p_args, **p_kwargs)
+    out, _ = unwrap_tree(out)
+    t_args = pytree.tree_unflatten(tangents, spec)[0]
+    per_k = []
+    for c in range(chunk):
+        tc = [None if not isinstance(p, torch.Tensor) else
+              (t[c] if t is not None else torch.zeros_like(p)) for p, t in zip(p_args, t_args)]
+        tout = cls.jvp(ctx, *tc)
+        per_k.append(pytree.tree_leaves(tout, is_leaf=lambda x: x is None))
+    flat_out, ospec = pytree.tree_flatten(out)
+    wrapped = []
+    for i, o in enumerate(flat_out):
+        ts = [row[i] if i < len(row) else None for row in per_k]
+        if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex()) and all(t is not None for t in ts):
+            wrapped.append(Dual(o, torch.stack([t.to(o.dtype).expand(o.shape) for t in ts]), chunk=chunk))
+        else:
+            wrapped.append(o)
+    return pytree.tree_unflatten(wrapped, ospec)
+
+
+def _apply(cls, *args, **kwargs):
+    if has_user_jvp(cls) and any(isinstance(x, Dual) for x in pytree.tree_leaves((args, kwargs))):
+        return _function_jvp(cls, args, kwargs)
+    return _original_apply(cls, *args, **kwargs)
+
+
+# Function.apply is a Python classmethod; wrapping it is the one hook PyTorch offers before
+# forward runs. Without Dual arguments the original runs unchanged.
+_Function.apply = classmethod(_apply)
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\w+)')
+
+
+def refuse_user_jvp_functions(gm: torch.fx.GraphModule) -> str | None:
+    """The name of an autograd.Function with a user jvp whose forward dynamo inlined into
+    ``gm`` (found through the nodes' stack traces), or None."""
+    spans = {}
+    for cls in _subclasses(_Function):
+        if not has_user_jvp(cls):
+            continue
+        code = getattr(cls.forward, "__code__", None)
+        if code is None:
+            continue
+        last = max((ln for _, _, ln in code.co_lines() if ln is not None), default=code.co_firstlineno)
+        spans.setdefault(code.co_filename, []).append((code.co_firstlineno, last, cls.__name__))
+    if not spans:
+        return None
+    for n in gm.graph.nodes:
+        for fname, line, _ in _FRAME.findall(n.meta.get("stack_trace") or ""):
+            for lo, hi, name in spans.get(fname, ()):
+                if lo <= int(line) <= hi:
+                    return name
+    return None
+
+
+class _ScaledSin(torch.autograd.Function):
+    """sin with a jvp written by hand (setup_context style)."""
+
+    @staticmethod
+    def forward(x, scale):
+        return torch.sin(x) * scale
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_forward(inputs[0])
+        ctx.scale = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, tx, _tscale):
+        (x,) = ctx.saved_tensors
+        return tx * torch.cos(x) * ctx.scale
+
+    @staticmethod
+    def backward(ctx, g):
+        raise NotImplementedError
+
+
+class _OldStyleExp(torch.autograd.Function):
+    """exp in the old forward(ctx, ...) style, its output reused by jvp."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.exp(x)
+        ctx.save_for_forward(y)
+        return y
+
+    @staticmethod
+    def jvp(ctx, tx):
+        (y,) = ctx.saved_tensors
+        return tx * y
+
+
+TEST_CASES = [
+    case("autograd_function_jvp", lambda x: _ScaledSin.apply(x, 2.0) + 1, lambda: (randn(3, 4),), graph=False,
+         check_torch_func=False),
+    case("autograd_function_old_style", lambda x: _OldStyleExp.apply(x * 2).sum(0), lambda: (randn(3, 4),),
+         graph=False),
+]
