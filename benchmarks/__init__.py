@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m benchmarks.jacobian`` (jacfwd time and peak memory)."""
