@@ -19,10 +19,12 @@ identity of the primal tensors, and come back the same way keyed by the outputs.
 from __future__ import annotations
 
 import threading
+import traceback
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 
 from . import registry
 from .transform import build_jvp_graph
@@ -35,11 +37,31 @@ class CaptureFailed(Exception):
 
 
 def to_aten(fn, args) -> fx.GraphModule:
+    """ATen graph of ``fn`` (functionalized), each node keeping the user's stack trace: for
+    a GraphModule from dynamo, its nodes' traces carry over (fx.traceback.preserve_node_meta
+    with an Interpreter, as aot_autograd does); for a function, make_fx records them."""
     from torch._subclasses.fake_tensor import FakeTensorMode
+    import torch.fx.traceback as fx_traceback
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode:
+    if isinstance(fn, fx.GraphModule):
+        inner = fx.Interpreter(fn).run
+    else:
+        def inner(*a):
+            with _RecordUserFrames():
+                return fn(*a)
+    with mode, fx_traceback.preserve_node_meta():
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        return make_fx(torch.func.functionalize(fn, remove="mutations"), tracing_mode="real")(*fake)
+        return make_fx(torch.func.functionalize(inner, remove="mutations"), tracing_mode="real")(*fake)
+
+
+class _RecordUserFrames(TorchFunctionMode):
+    """While make_fx traces a plain function, give each node the Python stack of the torch
+    call that made it (make_fx itself records only module ``forward`` frames)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import torch.fx.traceback as fx_traceback
+        fx_traceback.set_stack_trace(traceback.format_stack()[:-1])
+        return func(*args, **(kwargs or {}))
 
 
 class _Channel(threading.local):

@@ -24,14 +24,31 @@ aten = torch.ops.aten
 _source_hint: list[str | None] = [None]
 
 
+def _library_dirs():
+    import os
+    here = os.path.dirname(os.path.abspath(__file__))
+    rules_dir = os.path.join(os.path.dirname(here), "rules")  # the repository layout (editable install)
+    return (os.path.dirname(torch.__file__) + os.sep, here + os.sep, rules_dir + os.sep, "<frozen")
+
+
+_LIBRARY_PATHS = _library_dirs()
+
+
+def is_library_frame(filename: str) -> bool:
+    """Frames of PyTorch and torch_fwd itself (rules included), skipped when naming the
+    user's line."""
+    if "torch_fwd" + __import__("os").sep + "rules" in filename:
+        return True
+    return any(s in filename for s in _LIBRARY_PATHS)
+
+
 def user_source_line() -> str:
     if _source_hint[0]:
         return _source_hint[0]
     for frame in reversed(traceback.extract_stack()[:-1]):
-        f = frame.filename
-        if "/torch/" in f or "/torch_fwd/" in f or "/rules/" in f or f.startswith("<frozen"):
+        if is_library_frame(frame.filename):
             continue
-        return f'File "{f}", line {frame.lineno}, in {frame.name}\n    {frame.line}'
+        return f'File "{frame.filename}", line {frame.lineno}, in {frame.name}\n    {frame.line}'
     return "(unknown source line)"
 
 
@@ -131,8 +148,8 @@ def _fallback(op, primals, tangents):
     if res is not None:
         return res
     raise NoRuleError(
-        f"torch_fwd has no forward rule for {op}, it has no decomposition, and PyTorch has no "
-        f"forward-AD formula or backward for it.\n  at {user_source_line()}\n"
+        f"torch_fwd has no forward rule for {op}; no decomposition of it into ops with rules, "
+        f"and no usable forward-AD formula or backward in PyTorch either.\n  at {user_source_line()}\n"
         f"Register one with torch_fwd.register_frule({op}, rule), where "
         f"rule(primals, tangents) returns (primal_out, tangent_out) and tangents carry the "
         f"chunk dimension first (None means zero).")

@@ -45,11 +45,14 @@ def _stack_line(n: fx.Node) -> str | None:
     if not st:
         return None
     lines = [ln for ln in st.strip().splitlines() if ln.strip()]
-    # the innermost user frame is the last 'File' line with its code line
+    # the innermost user frame: the last 'File' line outside torch and torch_fwd, with its code
     for i in range(len(lines) - 1, -1, -1):
-        if lines[i].lstrip().startswith("File") and "/torch/" not in lines[i]:
-            return "\n".join(lines[i:i + 2]).strip()
-    return lines[-1]
+        ln = lines[i].lstrip()
+        if ln.startswith("File") and not engine.is_library_frame(ln):
+            code = lines[i + 1].strip() if i + 1 < len(lines) and not lines[i + 1].lstrip().startswith("File") else ""
+            return f"{ln}\n    {code}" if code else ln
+    return None
+
 
 
 def mutated_placeholders(gm: fx.GraphModule) -> set[int]:

@@ -1,0 +1,59 @@
+"""The lookup order past the rule table: decomposition, PyTorch's forward-AD formula,
+the double-vjp identity, then a loud NoRuleError -- never a silent zero."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_fwd
+from torch_fwd.registry import lookup
+from torch_fwd.testing import check_frule
+
+aten = torch.ops.aten
+D = torch.float64
+
+
+def rand(*s):
+    return torch.randn(*s, dtype=D)
+
+
+@pytest.mark.parametrize("fn,op", [
+    (lambda x: F.glu(x, -1), aten.glu.default),
+    (lambda x: F.softshrink(x, 0.3), aten.softshrink.default),
+    (torch.sinc, aten.sinc.default),
+    (lambda x: torch.special.xlog1py(x, x.abs()), aten.special_xlog1py.default),
+])
+def test_decomposition_fallback(fn, op):
+    assert lookup(op) is None  # so this really exercises the fallback
+    check_frule(fn, rand(3, 4))
+
+
+@pytest.mark.parametrize("fn,op", [
+    (lambda x: torch.logcumsumexp(x, 1), aten.logcumsumexp.default),
+    (lambda x: torch.cummax(x, 1).values, aten.cummax.default),
+])
+def test_forward_ad_fallback(fn, op):
+    assert lookup(op) is None
+    check_frule(fn, rand(3, 4))
+
+
+def test_non_differentiable_in_pytorch_is_an_error_not_a_zero():
+    x, v = rand(4).abs() + 0.5, rand(4)
+    _, t = torch.func.jvp(torch.special.bessel_j0, (x,), (v,))
+    assert torch.count_nonzero(t) == 0  # torch.func.jvp: silently zero, the truth is -J1(x) v
+    for path in ("eager", "auto"):
+        with pytest.raises(torch_fwd.NoRuleError, match="bessel_j0"):
+            torch_fwd.jvp(torch.special.bessel_j0, (x,), (v,), path=path)
+
+
+def test_cholesky_inverse_does_not_use_pytorchs_wrong_formula():
+    a = rand(3, 3)
+    L = torch.linalg.cholesky(a @ a.T + 3 * torch.eye(3, dtype=D))
+    check_frule(lambda L: torch.cholesky_inverse(L.tril()), L, check_torch_func=False)
+
+
+def test_graph_path_error_names_the_source_line():
+    def f(x):
+        return torch.special.bessel_j0(x) + 1  # the line the error names
+    with pytest.raises(torch_fwd.NoRuleError) as info:
+        torch_fwd.make_jvp_graph(f, rand(3))
+    assert "test_fallbacks.py" in str(info.value) and "bessel_j0(x) + 1" in str(info.value)
