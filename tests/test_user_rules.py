@@ -188,3 +188,44 @@ def test_autograd_function_without_jvp_is_differentiated_through():
         def backward(ctx, g):
             return g
     check_frule(lambda x: NoJvp.apply(x), rand(3), paths=("eager",), check_torch_func=False)
+
+
+# ---- Python functions as rule keys (opaque, like jax.custom_jvp) -------------------------------
+
+def _clipped_sqrt(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.sqrt(x.clamp_min(eps))
+
+
+def _uses_clipped_sqrt(x):
+    return _clipped_sqrt(x, 1e-3) * 2
+
+
+@torch_fwd.frule(_clipped_sqrt)
+def _clipped_sqrt_rule(primals, tangents):
+    x, eps = primals
+    y = _clipped_sqrt(x, eps)
+    # a deliberately smoothed derivative: proves the rule, not the body, is used
+    return y, tangents[0] * 0.5 / (y + 1.0)
+
+
+@pytest.mark.parametrize("path", ["eager", "graph", "auto"])
+def test_python_function_rule_is_used_in_both_paths(path):
+    x, v = rand(4).abs(), rand(2, 4)
+    out, t = torch_fwd.jvp(_uses_clipped_sqrt, (x,), (v,), chunked=True, path=path)
+    y = torch.sqrt(x.clamp_min(1e-3))
+    torch.testing.assert_close(out, 2 * y)
+    torch.testing.assert_close(t, 2 * v * 0.5 / (y + 1.0))
+
+
+def test_python_function_stays_one_node_and_still_works_as_a_function():
+    torch.testing.assert_close(_clipped_sqrt(torch.tensor([4.0], dtype=D), 1e-3), torch.tensor([2.0], dtype=D))
+    from torch_fwd.capture import to_aten
+    gm = to_aten(_uses_clipped_sqrt, [rand(3)])
+    assert "torch_fwd_user" in gm.code and "sqrt" not in gm.code.replace("clipped_sqrt", "")
+
+
+def test_python_function_key_needs_annotations():
+    def untyped(x):
+        return x
+    with pytest.raises(TypeError, match="annotations"):
+        torch_fwd.register_frule(untyped, lambda p, t: (p[0], t[0]))

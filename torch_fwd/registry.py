@@ -40,9 +40,14 @@ def generation() -> int:
 
 def _check_key(op):
     if isinstance(op, (OpOverload, OpOverloadPacket)):
-        return
+        return op
+    import types
+    if isinstance(op, types.FunctionType):
+        from .opaque import make_opaque
+        return make_opaque(op)
     raise TypeError(f"register_frule: op must be an OpOverload or OpOverloadPacket (an ATen op, or a "
-                    f"torch.library custom op such as torch.ops.mylib.myop), got {type(op).__name__}")
+                    f"torch.library custom op such as torch.ops.mylib.myop) or a Python function, "
+                    f"got {type(op).__name__}")
 
 
 def register_frule(op, rule: Rule) -> Rule:
@@ -51,9 +56,9 @@ def register_frule(op, rule: Rule) -> Rule:
 
     User rules take precedence over library rules, in the eager and the graph path.
     """
-    _check_key(op)
     if not callable(rule):
         raise TypeError(f"register_frule: rule must be callable, got {type(rule).__name__}")
+    op = _check_key(op)
     with _lock:
         _USER[op] = rule
         _generation[0] += 1
@@ -81,6 +86,7 @@ def library_rule(*ops: OpOverload):
 
 
 def unregister_frule(op) -> None:
+    op = getattr(op, "__torch_fwd_op__", op)
     with _lock:
         _USER.pop(op, None)
         _generation[0] += 1
