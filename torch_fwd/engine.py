@@ -7,6 +7,8 @@ graph. A rule therefore never knows which path it serves.
 """
 from __future__ import annotations
 
+import os
+import threading
 import traceback
 
 import torch
@@ -19,13 +21,16 @@ from .tangent import align, is_differentiable
 
 aten = torch.ops.aten
 
-# Where an error should point: set by the graph pass to the fx node's stack trace; the
-# eager path reads the Python stack instead.
-_source_hint: list[str | None] = [None]
+class _Hint(threading.local):
+    line: str | None = None
+
+
+# Where an error should point: set (per thread) by the graph pass to the fx node's stack
+# trace; the eager path reads the Python stack instead.
+_source_hint = _Hint()
 
 
 def _library_dirs():
-    import os
     here = os.path.dirname(os.path.abspath(__file__))
     rules_dir = os.path.join(os.path.dirname(here), "rules")  # the repository layout (editable install)
     return (os.path.dirname(torch.__file__) + os.sep, here + os.sep, rules_dir + os.sep, "<frozen")
@@ -37,14 +42,14 @@ _LIBRARY_PATHS = _library_dirs()
 def is_library_frame(filename: str) -> bool:
     """Frames of PyTorch and torch_fwd itself (rules included), skipped when naming the
     user's line."""
-    if "torch_fwd" + __import__("os").sep + "rules" in filename:
+    if "torch_fwd" + os.sep + "rules" in filename:
         return True
     return any(s in filename for s in _LIBRARY_PATHS)
 
 
 def user_source_line() -> str:
-    if _source_hint[0]:
-        return _source_hint[0]
+    if _source_hint.line:
+        return _source_hint.line
     for frame in reversed(traceback.extract_stack()[:-1]):
         if is_library_frame(frame.filename):
             continue

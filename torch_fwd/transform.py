@@ -32,12 +32,12 @@ class _SourceInterpreter(fx.Interpreter):
     """Runs a graph node by node, pointing errors at the user's source line."""
 
     def run_node(self, n):
-        prev = engine._source_hint[0]
-        engine._source_hint[0] = _stack_line(n)
+        prev = engine._source_hint.line
+        engine._source_hint.line = _stack_line(n)
         try:
             return super().run_node(n)
         finally:
-            engine._source_hint[0] = prev
+            engine._source_hint.line = prev
 
 
 def _stack_line(n: fx.Node) -> str | None:
