@@ -10,16 +10,12 @@ import math
 import torch
 
 from torch_fwd.combinators import elementwise, linear, unary, zero
-from torch_fwd.registry import library_rule
+from torch_fwd.registry import library_rule as reg
 from torch_fwd.tangent import align, tadd
 
 from ._cases import case, rand, randn
 
 aten = torch.ops.aten
-
-
-def reg(op, rule):
-    library_rule(op)(rule)
 
 
 def _f(mask, like):

@@ -3,16 +3,12 @@
 import torch
 
 from torch_fwd.combinators import linear, shift_dim
-from torch_fwd.registry import library_rule
+from torch_fwd.registry import library_rule as reg
 from torch_fwd.tangent import align, materialize
 
 from ._cases import case, randn
 
 aten = torch.ops.aten
-
-
-def reg(op, rule):
-    library_rule(op)(rule)
 
 
 def _kexp(idx, k):

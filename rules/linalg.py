@@ -6,16 +6,12 @@ inactive operand's (zero) tangent is never formed: that is the activity analysis
 """
 import torch
 
-from torch_fwd.registry import call_op, library_rule
+from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import tadd
 
 from ._cases import case, randn
 
 aten = torch.ops.aten
-
-
-def reg(op, rule):
-    library_rule(op)(rule)
 
 
 def _left(a, tb):

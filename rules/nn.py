@@ -10,16 +10,12 @@ import torch
 
 from torch_fwd.combinators import shift_dim
 from torch_fwd.engine import above_dispatch
-from torch_fwd.registry import call_op, library_rule
+from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
 
 from ._cases import case, randn
 
 aten = torch.ops.aten
-
-
-def reg(op, rule):
-    library_rule(op)(rule)
 
 
 # ---- softmax ------------------------------------------------------------------------------

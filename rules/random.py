@@ -4,7 +4,7 @@ lives in nn.py)."""
 import torch
 
 from torch_fwd.combinators import zero
-from torch_fwd.registry import library_rule
+from torch_fwd.registry import library_rule as reg
 
 from ._cases import case, randn
 
@@ -20,7 +20,7 @@ ZERO = [
     aten.histc.default, aten.one_hot.default, aten.zero.default, aten.fill.Scalar,
 ]
 for _op in ZERO:
-    library_rule(_op)(zero(_op))
+    reg(_op, zero(_op))
 
 
 def _normal_tt(p, t):
@@ -36,7 +36,7 @@ def _normal_tt(p, t):
     return y, out
 
 
-library_rule(aten.normal.Tensor_Tensor)(_normal_tt)
+reg(aten.normal.Tensor_Tensor, _normal_tt)
 
 TEST_CASES = [
     case("like_factories", lambda x: torch.zeros_like(x) + torch.ones_like(x) * x + x.new_full((3, 4), 2.0) + torch.empty_like(x).fill_(1.0),

@@ -3,16 +3,12 @@ cumprod, sort/topk values. Dims are primal dims; ``shift_dims`` moves them past 
 import torch
 
 from torch_fwd.combinators import linear, shift_dim, shift_dims, zero
-from torch_fwd.registry import call_op, library_rule
+from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align
 
 from ._cases import case, randn
 
 aten = torch.ops.aten
-
-
-def reg(op, rule):
-    library_rule(op)(rule)
 
 
 def _dims(dim, ndim):

@@ -4,16 +4,12 @@ eager path relies on for in-place writes through views."""
 import torch
 
 from torch_fwd.combinators import linear, linear_vmap, shift_dim, shift_dims
-from torch_fwd.registry import call_op, library_rule
+from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, materialize
 
 from ._cases import case, randn
 
 aten = torch.ops.aten
-
-
-def reg(op, rule):
-    library_rule(op)(rule)
 
 
 def _k(t):
@@ -90,29 +86,23 @@ for _op in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, a
     reg(_op, _split_like(_op))
 
 
-def _cat(p, t):
-    tensors, dim = p
-    y = aten.cat.default(tensors, dim)
-    if t[0] is None:
-        return y, None
-    k = next(x for x in t[0] if x is not None).shape[0]
-    # legacy cat skips 1-D empty tensors; so do the tangents
-    parts = [materialize(tt, x, k) for x, tt in zip(tensors, t[0]) if not (x.dim() == 1 and x.numel() == 0)]
-    nd = y.dim()
-    return y, torch.cat(parts, dim=shift_dim(dim, nd))
+def _joined(op, tangent_dim):
+    """cat/stack: linear in every piece; inactive pieces get explicit zeros in the tangent."""
+    def rule(p, t):
+        tensors, dim = p
+        y = op(tensors, dim)
+        if t[0] is None:
+            return y, None
+        k = next(x for x in t[0] if x is not None).shape[0]
+        # legacy cat skips 1-D empty tensors; so do the tangents
+        parts = [materialize(tt, x, k) for x, tt in zip(tensors, t[0])
+                 if not (op is aten.cat.default and x.dim() == 1 and x.numel() == 0)]
+        return y, op(parts, tangent_dim(dim, y.dim()))
+    return rule
 
 
-def _stack(p, t):
-    tensors, dim = p
-    y = aten.stack.default(tensors, dim)
-    if t[0] is None:
-        return y, None
-    k = next(x for x in t[0] if x is not None).shape[0]
-    return y, torch.stack([materialize(tt, x, k) for x, tt in zip(tensors, t[0])], dim=dim % y.dim() + 1)
-
-
-reg(aten.cat.default, _cat)
-reg(aten.stack.default, _stack)
+reg(aten.cat.default, _joined(aten.cat.default, shift_dim))
+reg(aten.stack.default, _joined(aten.stack.default, lambda dim, nd: dim % nd + 1))
 
 
 def _copy(p, t):

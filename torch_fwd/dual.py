@@ -272,7 +272,7 @@ def _write(func, target, value, tvalue, chunk):
 # decomposition fallback of both paths.
 # ---------------------------------------------------------------------------------------
 
-def run_with_duals(fn, args, kwargs, targs, tkwargs, what="function"):
+def run_with_duals(fn, args, kwargs, targs, tkwargs):
     """Call ``fn`` with Dual-wrapped arguments under a DualMode; return (out, tangent_out)."""
     chunk = None
     for t in pytree.tree_leaves((targs, tkwargs)):

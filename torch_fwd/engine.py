@@ -162,20 +162,9 @@ def _fallback(op, primals, tangents):
 
 def _run_decomposition(op, decomp, primals, tangents):
     from .dual import run_with_duals
-    args, kwargs = _split(op, primals)
-    targs, tkwargs = _split(op, tangents)
-    return run_with_duals(lambda *a, **k: decomp(*a, **k), args, kwargs, targs, tkwargs, op)
-
-
-def _split(op, full):
-    schema = registry._schema(op)
-    pos, kw = [], {}
-    for (name, kwonly, _h, _d), a in zip(schema, full):
-        if kwonly:
-            kw[name] = a
-        else:
-            pos.append(a)
-    return tuple(pos), kw
+    args, kwargs = registry.split_args(op, primals)
+    targs, tkwargs = registry.split_args(op, tangents)
+    return run_with_duals(decomp, args, kwargs, targs, tkwargs)
 
 
 def _active_slots(primals, tangents):

@@ -73,16 +73,15 @@ def frule(op):
     return deco
 
 
-def library_rule(*ops: OpOverload):
-    """Decorator used by ``rules/``: register one rule for several overloads."""
-    def deco(rule):
-        for op in ops:
-            if not isinstance(op, OpOverload):
-                raise TypeError(f"library rules are keyed by OpOverload, got {op!r}")
-            _LIBRARY[op] = rule
+def library_rule(op: OpOverload, rule: Rule) -> Rule:
+    """Register a library rule (used by ``rules/``); keyed by OpOverload only, so that a
+    rule can never reach an overload it was not written for."""
+    if not isinstance(op, OpOverload):
+        raise TypeError(f"library rules are keyed by OpOverload, got {op!r}")
+    with _lock:
+        _LIBRARY[op] = rule
         _generation[0] += 1
-        return rule
-    return deco
+    return rule
 
 
 def unregister_frule(op) -> None:
@@ -138,13 +137,18 @@ def normalize(op: OpOverload, args: tuple, kwargs: dict | None) -> tuple:
     return tuple(out)
 
 
-def call_op(op: OpOverload, full_args) -> Any:
-    """Call ``op`` with arguments in the layout :func:`normalize` returns."""
-    schema = _schema(op)
+def split_args(op: OpOverload, full_args) -> tuple[tuple, dict]:
+    """The inverse of :func:`normalize`: positional arguments and keyword-only ones."""
     pos, kw = [], {}
-    for (name, kwonly, _h, _d), a in zip(schema, full_args):
+    for (name, kwonly, _h, _d), a in zip(_schema(op), full_args):
         if kwonly:
             kw[name] = a
         else:
             pos.append(a)
+    return tuple(pos), kw
+
+
+def call_op(op: OpOverload, full_args) -> Any:
+    """Call ``op`` with arguments in the layout :func:`normalize` returns."""
+    pos, kw = split_args(op, full_args)
     return op(*pos, **kw)
