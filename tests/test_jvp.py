@@ -58,6 +58,12 @@ def test_output_independent_of_input_gets_zeros(path):
     assert torch.equal(t[1], torch.zeros(3, dtype=D)) and t[2].dtype == torch.int64
 
 
+def test_same_tensor_as_two_primals_keeps_both_tangents():
+    x, a, b = rand(3), rand(3), rand(3)
+    _, t = torch_fwd.jvp(lambda u, w: u * 2 + w.sin(), (x, x), (a, b))
+    torch.testing.assert_close(t, 2 * a + x.cos() * b)
+
+
 def test_identity_and_input_passthrough():
     x, v = rand(3), rand(3)
     out, t = torch_fwd.jvp(lambda x: x, (x,), (v,))

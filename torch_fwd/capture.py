@@ -70,7 +70,6 @@ class _Channel(threading.local):
         self.chunk = None
         self.results = None   # id(tensor) -> tangent
         self.ran = 0
-        self.error = None
 
 
 _channel = _Channel()
@@ -79,12 +78,9 @@ _channel = _Channel()
 class _CompiledGraph:
     """What our dynamo backend returns for one captured graph."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs):
+    def __init__(self, gm: fx.GraphModule):
         self.torch_gm = gm
         self.aten_gm = None
-        self.examples = [(tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else x
-                         for x in example_inputs]
-        self.example_inputs = example_inputs
         self.jvp_graphs: dict = {}
         self.lock = threading.Lock()
 
@@ -105,8 +101,7 @@ class _CompiledGraph:
             if jg is None:
                 try:
                     jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
-                except Exception as e:  # noqa: BLE001 - reported by the eager path
-                    ch.error = e
+                except Exception as e:  # noqa: BLE001 - the eager path reports real errors
                     raise CaptureFailed(str(e)) from e
                 self.jvp_graphs[key] = jg
         outs, touts, mutated = jg(args, tangents)
@@ -124,7 +119,7 @@ def _backend(gm, example_inputs):
     name = refuse_user_jvp_functions(gm)
     if name is not None:
         raise CaptureFailed(f"autograd.Function {name} defines jvp, which dynamo would inline past")
-    return _CompiledGraph(gm, example_inputs)
+    return _CompiledGraph(gm)
 
 
 def _DYNAMO_SETTINGS():
@@ -150,8 +145,11 @@ class GuardedCapture:
         ch = _channel
         if ch.tangents is not None:
             raise CaptureFailed("nested torch_fwd.jvp runs eagerly")
+        if len({id(p) for p in flat_primals}) < len(flat_primals):
+            # one tensor passed twice with two tangents: identity cannot tell them apart
+            raise CaptureFailed("the same tensor object is passed as two primals")
         ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}
-        ch.chunk, ch.results, ch.ran, ch.error = chunk, {}, 0, None
+        ch.chunk, ch.results, ch.ran = chunk, {}, 0
         try:
             with _DYNAMO_SETTINGS():
                 out = self.compiled(*args, **kwargs)
