@@ -1,0 +1,53 @@
+"""Whole modules through jvp: a pre-LN transformer block with default (fused) attention and
+a small CNN with BatchNorm, against torch.func.jvp with math attention."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import torch_fwd
+
+
+@pytest.mark.parametrize("path", ["eager", "graph"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_transformer_block(path, k):
+    torch.manual_seed(0)
+    block = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True).double().eval()
+    x = torch.randn(2, 7, 32, dtype=torch.float64)
+    V = torch.randn(k, 2, 7, 32, dtype=torch.float64)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+
+    def f(x):
+        return block(x, src_mask=mask, is_causal=True)
+    out, t = torch_fwd.jvp(f, (x,), (V,), chunked=True, path=path)
+    with sdpa_kernel(SDPBackend.MATH):
+        for i in range(k):
+            ref_out, ref_t = torch.func.jvp(f, (x,), (V[i],))
+            torch.testing.assert_close(t[i], ref_t)
+    torch.testing.assert_close(out, ref_out)
+
+
+@pytest.mark.parametrize("path", ["eager", "graph"])
+@pytest.mark.parametrize("train", [False, True])
+def test_cnn_with_batchnorm(path, train):
+    """torch.func.jvp cannot run BatchNorm in training mode (it refuses the in-place update
+    of num_batches_tracked); finite differences are the oracle there."""
+    import copy
+    from torch_fwd.testing import finite_difference_jvp
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2), torch.nn.BatchNorm2d(8), torch.nn.GELU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).double().train(train)
+    x, v = torch.randn(4, 3, 9, 9, dtype=torch.float64), torch.randn(4, 3, 9, 9, dtype=torch.float64)
+    ref_net = copy.deepcopy(net)
+    out, t = torch_fwd.jvp(net, (x,), (v,), path=path)
+    torch.testing.assert_close(out, ref_net(x))
+    for m, r in zip(net.modules(), ref_net.modules()):
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics updated exactly as by the primal
+            torch.testing.assert_close(m.running_mean, r.running_mean)
+            torch.testing.assert_close(m.running_var, r.running_var)
+            assert m.num_batches_tracked == r.num_batches_tracked
+    if not train:
+        torch.testing.assert_close(t, torch.func.jvp(net, (x,), (v,))[1])
+    fd = finite_difference_jvp(copy.deepcopy(net), (x,), (v,), 1e-6)[0]
+    torch.testing.assert_close(t, fd, atol=1e-6, rtol=1e-5)
