@@ -57,3 +57,16 @@ def test_graph_path_error_names_the_source_line():
     with pytest.raises(torch_fwd.NoRuleError) as info:
         torch_fwd.make_jvp_graph(f, rand(3))
     assert "test_fallbacks.py" in str(info.value) and "bessel_j0(x) + 1" in str(info.value)
+
+
+@pytest.mark.parametrize("path", ["eager", "graph"])
+def test_complex_inputs_use_pytorchs_formulas(path):
+    def f(z, w):
+        return (z.abs() * torch.exp(z) + z * w.conj()).sum(-1) + (z @ w.T).real
+    z = torch.randn(3, 4, dtype=torch.complex128)
+    w = torch.randn(3, 4, dtype=torch.complex128)
+    tz, tw = torch.randn_like(z), torch.randn_like(w)
+    out, t = torch_fwd.jvp(f, (z, w), (tz, tw), path=path)
+    ref_out, ref_t = torch.func.jvp(f, (z, w), (tz, tw))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(t, ref_t)

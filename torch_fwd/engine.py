@@ -111,10 +111,26 @@ def jvp_op(op, primals: tuple, tangents: tuple):
     if not any_active(tangents):
         return call_op(op, primals), None
     rule = lookup(op)
-    if rule is not None:
+    if rule is not None and not (_any_complex(primals) and registry.has_library_rule(op)
+                                 and not registry.is_user_rule(op)):
         out, tout = rule(primals, tangents)
         return out, _fix_tangent(op, out, tout)
+    # Library rules are written for real tensors (abs' derivative is not sign(z) for a
+    # complex z): complex inputs take PyTorch's own formulas, never a real-only rule.
     return _fallback(op, primals, tangents)
+
+
+def _any_complex(primals) -> bool:
+    for p in primals:
+        if isinstance(p, torch.Tensor):
+            if p.is_complex():
+                return True
+        elif isinstance(p, (list, tuple)):
+            if any(isinstance(x, torch.Tensor) and x.is_complex() for x in p):
+                return True
+        elif isinstance(p, complex):
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,9 +227,11 @@ def _forward_ad(op, primals, tangents):
                 res = call_op(op, _substitute(primals, slots, duals))
                 flat, spec = pytree.tree_flatten(res)
                 unpacked = [fwAD.unpack_dual(r) if isinstance(r, torch.Tensor) else None for r in flat]
+                # resolve lazy conj/neg views while the keys that do so are enabled
+                per_k.append([u.tangent.resolve_conj().resolve_neg() if u is not None and u.tangent is not None
+                              else None for u in unpacked])
             if out is None:
                 out = pytree.tree_unflatten([u.primal if u is not None else r for u, r in zip(unpacked, flat)], spec)
-            per_k.append([u.tangent if u is not None else None for u in unpacked])
     except (RuntimeError, NotImplementedError) as e:
         if "forward AD" in str(e) or "forward-mode" in str(e) or "not implemented" in str(e).lower():
             return None

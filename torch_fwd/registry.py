@@ -115,6 +115,10 @@ def has_library_rule(op) -> bool:
     return op in _LIBRARY
 
 
+def is_user_rule(op) -> bool:
+    return op in _USER or (isinstance(op, OpOverload) and op.overloadpacket in _USER)
+
+
 @functools.lru_cache(maxsize=None)
 def _schema(op: OpOverload):
     return tuple((a.name, a.kwarg_only, a.has_default_value(), a.default_value if a.has_default_value() else None)
