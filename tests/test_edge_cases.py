@@ -1,0 +1,70 @@
+"""Layouts, dtypes, sizes and grad modes the contract must survive, in both paths."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_fwd
+
+D = torch.float64
+PATHS = ["eager", "graph"]
+
+
+def f(x, w):
+    return F.silu(x @ w).softmax(-1) * x.sum()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_and_expanded_primals_and_tangents(path):
+    x = torch.randn(5, 3, dtype=D).T            # transposed
+    w = torch.randn(5, 1, dtype=D).expand(5, 4)  # stride 0
+    vx = torch.randn(3, 5, 2, dtype=D)[..., 0]  # strided tangent
+    vw = torch.randn(4, 5, dtype=D).T
+    out, t = torch_fwd.jvp(f, (x, w), (vx, vw), path=path)
+    # (torch.func.jvp itself cannot take an expanded primal: compare on contiguous copies)
+    ref_out, ref_t = torch.func.jvp(f, (x.contiguous(), w.contiguous()), (vx, vw))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(t, ref_t)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_scalar_and_empty_tensors(path):
+    s, v = torch.tensor(0.7, dtype=D), torch.tensor(2.0, dtype=D)
+    out, t = torch_fwd.jvp(lambda s: torch.sin(s) * s, (s,), (v,), path=path)
+    torch.testing.assert_close(t, (torch.cos(s) * s + torch.sin(s)) * v)
+    e = torch.randn(0, 3, dtype=D)
+    out, t = torch_fwd.jvp(lambda e: e.exp().sum(0), (e,), (e,), path=path)
+    assert t.shape == (3,) and torch.count_nonzero(t) == 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+def test_low_precision(path, dtype, tol):
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5, dtype=dtype), torch.randn(5, 4, dtype=dtype)
+    vx, vw = torch.randn_like(x), torch.randn_like(w)
+    out, t = torch_fwd.jvp(f, (x, w), (vx, vw), path=path)
+    assert t.dtype == dtype
+    _, ref_t = torch.func.jvp(f, (x.double(), w.double()), (vx.double(), vw.double()))
+    torch.testing.assert_close(t.double(), ref_t, atol=tol * 10, rtol=tol * 10)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_grad_modes(path):
+    x, v = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    with torch.no_grad():
+        _, t1 = torch_fwd.jvp(torch.sin, (x,), (v,), path=path)
+    with torch.inference_mode():
+        xi, vi = x.clone(), v.clone()
+        _, t2 = torch_fwd.jvp(torch.sin, (xi,), (vi,), path="eager")
+    torch.testing.assert_close(t1, torch.cos(x) * v)
+    torch.testing.assert_close(t2, torch.cos(x) * v)
+
+
+def test_graph_path_outputs_can_be_backpropagated():
+    x = torch.randn(3, dtype=D, requires_grad=True)
+    v = torch.randn(3, dtype=D)
+    out, t = torch_fwd.jvp(lambda x: torch.sin(x) * x, (x,), (v,), path="graph")
+    (out.sum() + t.sum()).backward()
+    # d/dx [sin x * x + (cos x * x + sin x) v]
+    expected = torch.cos(x) * x + torch.sin(x) + (-torch.sin(x) * x + 2 * torch.cos(x)) * v
+    torch.testing.assert_close(x.grad, expected.detach())
