@@ -68,3 +68,18 @@ def test_graph_path_outputs_can_be_backpropagated():
     # d/dx [sin x * x + (cos x * x + sin x) v]
     expected = torch.cos(x) * x + torch.sin(x) + (-torch.sin(x) * x + 2 * torch.cos(x)) * v
     torch.testing.assert_close(x.grad, expected.detach())
+
+
+def test_eager_path_refuses_silent_gradient_loss():
+    lin = torch.nn.Linear(3, 2).double()  # parameters require grad
+
+    def f(x):
+        if x.sum() > -100:  # data-dependent: the eager path runs
+            return lin(x)
+        return x
+    x, v = torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D)
+    with pytest.raises(RuntimeError, match="does not record autograd history"):
+        torch_fwd.jvp(f, (x,), (v,))
+    with torch.no_grad():
+        _, t = torch_fwd.jvp(f, (x,), (v,))
+    torch.testing.assert_close(t, v @ lin.weight.T.detach())

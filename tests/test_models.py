@@ -18,7 +18,8 @@ def test_transformer_block(path, k):
 
     def f(x):
         return block(x, src_mask=mask, is_causal=True)
-    out, t = torch_fwd.jvp(f, (x,), (V,), chunked=True, path=path)
+    with torch.no_grad():  # parameters require grad; the eager path refuses to drop their gradients
+        out, t = torch_fwd.jvp(f, (x,), (V,), chunked=True, path=path)
     with sdpa_kernel(SDPBackend.MATH):
         for i in range(k):
             ref_out, ref_t = torch.func.jvp(f, (x,), (V[i],))
@@ -40,7 +41,8 @@ def test_cnn_with_batchnorm(path, train):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).double().train(train)
     x, v = torch.randn(4, 3, 9, 9, dtype=torch.float64), torch.randn(4, 3, 9, 9, dtype=torch.float64)
     ref_net = copy.deepcopy(net)
-    out, t = torch_fwd.jvp(net, (x,), (v,), path=path)
+    with torch.no_grad():
+        out, t = torch_fwd.jvp(net, (x,), (v,), path=path)
     torch.testing.assert_close(out, ref_net(x))
     for m, r in zip(net.modules(), ref_net.modules()):
         if isinstance(m, torch.nn.BatchNorm2d):  # statistics updated exactly as by the primal

@@ -156,6 +156,13 @@ def dispatch(func, args, kwargs, mode):
     full = registry.normalize(func, args, kwargs)
     primals = tuple(_p(a) for a in full)
     tangents = tuple(_t(a) for a in full)
+    if torch.is_grad_enabled() and _requires_grad(primals, tangents):
+        raise RuntimeError(
+            f"torch_fwd's eager path does not record autograd history: {func} got a tensor that "
+            f"requires grad, and a loss built from its result would silently get no gradient from it.\n"
+            f"  at {user_source_line()}\n"
+            f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
+            f"capturable (no graph break) so that the graph path runs, which autograd sees.")
     if func._schema.is_mutable:
         return _mutating(func, full, primals, tangents, mode)
     out, tout = jvp_op(func, primals, tangents)
@@ -163,6 +170,18 @@ def dispatch(func, args, kwargs, mode):
     if _is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], Dual):
         view_base = full[0]
     return _wrap(func, out, tout, mode, view_base, primals)
+
+
+def _requires_grad(*trees) -> bool:
+    for tree in trees:
+        for x in tree:
+            if isinstance(x, torch.Tensor):
+                if x.requires_grad:
+                    return True
+            elif isinstance(x, (list, tuple)):
+                if any(isinstance(y, torch.Tensor) and y.requires_grad for y in x):
+                    return True
+    return False
 
 
 def _wrap(func, out, tout, mode, view_base, primals, index=None):

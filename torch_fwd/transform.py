@@ -150,7 +150,8 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
             return fake_mode.from_tensor(x)
         return x
 
-    with fake_mode:
+    # Traced without grad: what autograd records is decided when the graph runs, not here.
+    with fake_mode, torch.no_grad():
         fake_primals = [fake(x) for x in example_inputs]
         # tangents are traced contiguous; callers pass them contiguous (api.py ensures it)
         fake_tangents = [torch.empty((chunk,) + tuple(x.shape), dtype=x.dtype, device=x.device)
