@@ -9,15 +9,24 @@ import torch_fwd
 
 @pytest.mark.parametrize("path", ["eager", "graph"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_transformer_block(path, k):
+@pytest.mark.parametrize("norm_first,activation,padding", [(True, "relu", False), (False, "gelu", True)])
+def test_transformer_block(path, k, norm_first, activation, padding):
+    """Under no_grad in eval mode nn.TransformerEncoderLayer takes its fused fast path
+    (aten._transformer_encoder_layer_fwd); torch.func.jvp (with grad on: the slow path, math
+    attention) is the reference."""
     torch.manual_seed(0)
-    block = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True).double().eval()
+    block = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, activation=activation, batch_first=True,
+                                             norm_first=norm_first).double().eval()
     x = torch.randn(2, 7, 32, dtype=torch.float64)
     V = torch.randn(k, 2, 7, 32, dtype=torch.float64)
     mask = torch.nn.Transformer.generate_square_subsequent_mask(7, dtype=torch.float64)
+    pad = None
+    if padding:  # float, like src_mask (mixing mask types makes PyTorch warn: a graph break)
+        pad = torch.zeros(2, 7, dtype=torch.float64)
+        pad[1, 5:] = float("-inf")
 
     def f(x):
-        return block(x, src_mask=mask, is_causal=True)
+        return block(x, src_mask=mask, src_key_padding_mask=pad, is_causal=True)
     with torch.no_grad():  # parameters require grad; the eager path refuses to drop their gradients
         out, t = torch_fwd.jvp(f, (x,), (V,), chunked=True, path=path)
     with sdpa_kernel(SDPBackend.MATH):

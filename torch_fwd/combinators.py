@@ -11,7 +11,7 @@ import torch
 from .registry import call_op
 from .tangent import align, tadd
 
-__all__ = ["unary", "elementwise", "zero", "linear", "linear_vmap", "shift_dim", "shift_dims"]
+__all__ = ["unary", "elementwise", "zero", "linear", "linear_vmap", "decompose_with", "shift_dim", "shift_dims"]
 
 
 def unary(op, deriv):
@@ -90,4 +90,15 @@ def linear_vmap(op, argnum: int = 0):
         with above_dispatch():
             return y, torch.vmap(f)(tx)
     rule.__name__ = f"linear_vmap_rule_{op}"
+    return rule
+
+
+def decompose_with(reference):
+    """Ops PyTorch gives no usable decomposition (fused fast paths): ``reference(*primals)``
+    computes the same thing in ops that have rules, and runs on Duals, so its tangent comes
+    from those rules (as the decomposition fallback does)."""
+    def rule(p, t):
+        from .dual import run_with_duals
+        return run_with_duals(reference, p, {}, t, {})
+    rule.__name__ = f"decompose_with_{reference.__name__}"
     return rule
