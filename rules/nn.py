@@ -330,6 +330,32 @@ def _encoder_layer_reference(src, embed_dim, num_heads, qkv_w, qkv_b, proj_w, pr
 reg(aten._transformer_encoder_layer_fwd.default, decompose_with(_encoder_layer_reference))
 
 
+def _mha_reference(query, key, value, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, mask=None,
+                   need_weights=True, average_attn_weights=True, mask_type=None):
+    """nn.MultiheadAttention's fused inference fast path, in plain ops."""
+    Fn = torch.nn.functional
+    B, L, E = query.shape
+    S = key.shape[1]
+    head = E // num_heads
+    (w_q, w_k, w_v), (b_q, b_k, b_v) = qkv_w.chunk(3), qkv_b.chunk(3)
+    q = Fn.linear(query, w_q, b_q).reshape(B, L, num_heads, head).transpose(1, 2)
+    k = Fn.linear(key, w_k, b_k).reshape(B, S, num_heads, head).transpose(1, 2)
+    v = Fn.linear(value, w_v, b_v).reshape(B, S, num_heads, head).transpose(1, 2)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(head)
+    if mask is not None:
+        if mask_type == 1:  # key padding (B, S)
+            mask = mask.reshape(B, 1, 1, S)
+        scores = scores.masked_fill(mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    p = torch.softmax(scores, dim=-1)
+    out = Fn.linear((p @ v).transpose(1, 2).reshape(B, L, E), proj_w, proj_b)
+    if not need_weights:
+        return out, out.new_empty(0)
+    return out, p.mean(1) if average_attn_weights else p
+
+
+reg(aten._native_multi_head_attention.default, decompose_with(_mha_reference))
+
+
 F = torch.nn.functional
 SDPA = F.scaled_dot_product_attention
 

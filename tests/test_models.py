@@ -62,3 +62,27 @@ def test_cnn_with_batchnorm(path, train):
         torch.testing.assert_close(t, torch.func.jvp(net, (x,), (v,))[1])
     fd = finite_difference_jvp(copy.deepcopy(net), (x,), (v,), 1e-6)[0]
     torch.testing.assert_close(t, fd, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["eager", "graph"])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_fast_path(path, need_weights):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True).double().eval()
+    x, v = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    pad = torch.zeros(2, 5, dtype=torch.float64)
+    pad[0, 3:] = float("-inf")
+
+    def f(x):
+        return mha(x, x, x, key_padding_mask=pad, need_weights=need_weights)
+    with torch.no_grad():
+        out, t = torch_fwd.jvp(lambda x: f(x)[0], (x,), (v,), path=path)
+        if need_weights:
+            _, tw = torch_fwd.jvp(lambda x: f(x)[1], (x,), (v,), path=path)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref_out, ref_t = torch.func.jvp(lambda x: f(x)[0], (x,), (v,))
+        if need_weights:
+            _, ref_tw = torch.func.jvp(lambda x: f(x)[1], (x,), (v,))
+            torch.testing.assert_close(tw, ref_tw)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(t, ref_t)
