@@ -86,3 +86,21 @@ def test_multihead_attention_fast_path(path, need_weights):
             torch.testing.assert_close(tw, ref_tw)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(t, ref_t)
+
+
+@pytest.mark.parametrize("need_weights,average", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("mask_type", [None, 1, 2])
+def test_native_multi_head_attention_rule(need_weights, average, mask_type):
+    """The fused op directly (the module takes it only in some inference settings)."""
+    from torch_fwd.testing import check_frule
+    torch.manual_seed(0)
+    E, H, B, L = 8, 2, 2, 4
+    # (bool masks: PyTorch's fused CPU kernel returns NaN for general float masks of type 2)
+    mask = {None: None, 1: torch.rand(B, L) > 0.7, 2: torch.rand(B, H, L, L) > 0.7}[mask_type]
+
+    def f(x, qkv_w, proj_w):
+        out = torch._native_multi_head_attention(x, x, x, E, H, qkv_w, torch.zeros(3 * E, dtype=x.dtype), proj_w,
+                                                 torch.zeros(E, dtype=x.dtype), mask, need_weights, average, mask_type)
+        return out if need_weights else out[0]
+    check_frule(f, torch.randn(B, L, E, dtype=torch.float64), torch.randn(3 * E, E, dtype=torch.float64),
+                torch.randn(E, E, dtype=torch.float64), check_torch_func=False)
