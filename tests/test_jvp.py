@@ -321,3 +321,12 @@ def test_batch_norm_running_stats_updated_like_the_primal(path):
     assert bn.num_batches_tracked.item() == 1
     _, t_ref = torch.func.jvp(lambda x: F.batch_norm(x, None, None, bn.weight, bn.bias, training=True), (x,), (v,))
     torch.testing.assert_close(t, t_ref)
+
+
+def test_capture_cache_is_bounded_for_lambdas_made_every_step():
+    from torch_fwd import api
+    x, v = rand(3), rand(3)
+    for i in range(api._CAPTURE_CACHE_SIZE + 20):
+        _, t = torch_fwd.jvp(lambda x: torch.sin(x) * 2, (x,), (v,))
+    assert len(api._captures) <= api._CAPTURE_CACHE_SIZE
+    torch.testing.assert_close(t, 2 * torch.cos(x) * v)

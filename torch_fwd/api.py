@@ -1,9 +1,9 @@
 """Public entry points: jvp, jacfwd, make_jvp_graph."""
 from __future__ import annotations
 
+import collections
 import math
 import threading
-import weakref
 
 import torch
 import torch.utils._pytree as pytree
@@ -14,7 +14,11 @@ from .transform import build_jvp_graph
 
 __all__ = ["jvp", "jacfwd", "make_jvp_graph", "explain", "JACFWD_MEMORY_BUDGET"]
 
-_captures: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Captures by function object, least recently used dropped past the bound. (A weak-keyed
+# dict would never drop anything: the compiled wrapper holds the function strongly. Dynamo's
+# own cache lives on the code object, so a lambda re-made every step recaptures nothing.)
+_CAPTURE_CACHE_SIZE = 256
+_captures: "collections.OrderedDict" = collections.OrderedDict()
 _captures_lock = threading.Lock()
 _last_path = threading.local()
 
@@ -74,13 +78,18 @@ def _signature(flat_p, flat_t, chunk):
 
 def _capture_for(func):
     try:
-        with _captures_lock:
-            cap = _captures.get(func)
-            if cap is None:
-                cap = _captures[func] = GuardedCapture(func)
-        return cap
-    except TypeError:  # not weak-referenceable
+        hash(func)
+    except TypeError:
         return GuardedCapture(func)
+    with _captures_lock:
+        cap = _captures.get(func)
+        if cap is None:
+            cap = _captures[func] = GuardedCapture(func)
+            while len(_captures) > _CAPTURE_CACHE_SIZE:
+                _captures.popitem(last=False)
+        else:
+            _captures.move_to_end(func)
+        return cap
 
 
 # ---------------------------------------------------------------------------------------
