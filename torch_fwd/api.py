@@ -119,7 +119,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
     if path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
-            raw, results = cap.run(primal_args, {}, flat_p, ts, chunk, _signature(flat_p, ts, chunk))
+            raw, results = cap.run(primal_args, {}, flat_p, ts, chunk, lambda: _signature(flat_p, ts, chunk))
             out = _collect(raw, has_aux, lambda o: results.get(id(o), _input_tangent(o, flat_p, ts)), chunk)
             _last_path.value = "graph"
         except CaptureFailed as e:

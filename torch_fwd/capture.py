@@ -122,11 +122,21 @@ def _backend(gm, example_inputs):
     return _CompiledGraph(gm)
 
 
+class _Settings(threading.local):
+    def __init__(self):
+        # Many closures of one code object (a lambda made in a loop) are a normal pattern:
+        # each is a recompile. Past the limit dynamo must fail loudly, never run the
+        # function uncompiled (it would then run twice). One patch object per thread,
+        # reused: building one costs more than the rest of a small jvp.
+        self.patch = torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=8192,
+                                                fail_on_recompile_limit_hit=True)
+
+
+_settings = _Settings()
+
+
 def _DYNAMO_SETTINGS():
-    # Many closures of one code object (a lambda made in a loop) are a normal pattern:
-    # each is a recompile. Past the limit dynamo must fail loudly, never run uncompiled.
-    return torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=8192,
-                                      fail_on_recompile_limit_hit=True)
+    return _settings.patch
 
 
 class GuardedCapture:
@@ -137,10 +147,12 @@ class GuardedCapture:
         self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
         self.failed_keys: set = set()
 
-    def run(self, args, kwargs, flat_primals, flat_tangents, chunk, key):
+    def run(self, args, kwargs, flat_primals, flat_tangents, chunk, key_fn):
         """Run fn(*args, **kwargs) through dynamo with tangents attached to
         ``flat_primals``. Returns (output, {id(tensor): tangent}) or raises CaptureFailed."""
-        if key in self.failed_keys:
+        # the signature is only computed once something has failed for this function
+        key = key_fn() if self.failed_keys else None
+        if key is not None and key in self.failed_keys:
             raise CaptureFailed("capture failed before for this signature")
         ch = _channel
         if ch.tangents is not None:
@@ -159,12 +171,12 @@ class GuardedCapture:
                 raise CaptureFailed("no graph ran")
             return out, ch.results
         except CaptureFailed:
-            self.failed_keys.add(key)
+            self.failed_keys.add(key if key is not None else key_fn())
             raise
         except Exception as e:  # noqa: BLE001
             # dynamo could not capture (graph break, data-dependent control flow, a rule
             # missing at trace time, ...): the eager path runs and reports real errors.
-            self.failed_keys.add(key)
+            self.failed_keys.add(key if key is not None else key_fn())
             raise CaptureFailed(f"{type(e).__name__}: {e}") from e
         finally:
             ch.tangents = ch.results = ch.chunk = None
