@@ -137,6 +137,12 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
                      p.new_zeros((chunk,) + tuple(p.shape)) for t, p in zip(touts, prim)]
         record["active_outputs"] = tuple(t is not None for t in touts)
         record["n_outputs"] = len(outs)
+        for i in mutated:
+            if not active_inputs[i] and duals[i].tangent is not None:
+                # a tensor with no tangent of its own (a buffer, a global) received one:
+                # nothing would carry it out of the call (the eager path raises the same)
+                raise RuntimeError(f"torch_fwd: an in-place write gives graph input {i}, which has no "
+                                   f"tangent (a buffer or global), a tangent that would be lost")
         mut = [duals[i].tangent for i in mutated]
         # a mutated input whose new value has no tangent gets an explicit zero
         mut = [t if t is not None else torch.zeros((chunk,) + tuple(duals[i].shape), dtype=duals[i].dtype,
