@@ -152,6 +152,7 @@ def _split_aux(raw, has_aux):
 
 
 def _collect(raw, has_aux, tangent_of, chunk):
+    """(output, output tangents with zeros where symbolic, aux) from what func returned."""
     res, aux = _split_aux(raw, has_aux)
     flat, spec = pytree.tree_flatten(res)
     touts = []
@@ -170,13 +171,10 @@ def _eager(func, flat_p, ts, spec, chunk, has_aux):
     with DualMode(chunk):
         raw = func(*pytree.tree_unflatten(duals, spec))
     res, aux = _split_aux(raw, has_aux)
-    res_p, res_t = unwrap_tree(res)
-    out = _collect(res_p, False, lambda o: None, chunk)[0]
-    flat_o, ospec = pytree.tree_flatten(out)
-    flat_t = pytree.tree_leaves(res_t, is_leaf=lambda x: x is None)
-    touts = [t if t is not None else o.new_zeros((chunk,) + tuple(o.shape)) for o, t in zip(flat_o, flat_t)]
-    aux = unwrap_tree(aux)[0] if aux is not None else None
-    return out, pytree.tree_unflatten(touts, ospec), aux
+    tangent_by_id = {id(d.primal): d.tangent for d in pytree.tree_leaves(res) if isinstance(d, Dual)}
+    res, _ = unwrap_tree(res)
+    out = _collect(res, False, lambda o: tangent_by_id.get(id(o)), chunk)
+    return out[0], out[1], (unwrap_tree(aux)[0] if aux is not None else None)
 
 
 # ---------------------------------------------------------------------------------------
