@@ -155,6 +155,16 @@ def test_write_through_one_view_seen_by_another():
     check_frule(f, x, paths=("eager",))
 
 
+def test_writes_through_views_of_a_transposed_buffer():
+    def f(x):
+        buf = torch.empty_like(torch.zeros(4, 3, dtype=x.dtype).T)  # (3, 4), column-major
+        buf.zero_()
+        v = buf.view(3, 2, 2)    # a view only the column-major layout allows
+        v[:, 1, 0] = x           # buf[:, 2] = x
+        return buf * 2
+    check_frule(f, rand(3), paths=("eager", "auto"))
+
+
 def test_item_based_loop():
     def f(x):
         n = int(x.abs().sum().item() * 10) % 3 + 1

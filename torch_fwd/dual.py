@@ -73,7 +73,7 @@ class Dual(torch.Tensor):
             base, derive = self._view_of
             t = derive(base.ensure_tangent(chunk))
         else:
-            t = self.primal.new_zeros((chunk,) + tuple(self.primal.shape))
+            t = _zeros_in_layout_of(self.primal, chunk)
         self._tangent = t
         self._chunk = chunk
         return t
@@ -101,6 +101,18 @@ class Dual(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         return dispatch(func, args, kwargs, None)
+
+
+def _zeros_in_layout_of(p: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Zeros (K, *p.shape) whose every slice has p's dimension order, so that any view the
+    primal allows is also a view of the tangent (in-place writes through views rely on it)."""
+    order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
+    buf = p.new_zeros((chunk,) + tuple(p.shape[d] for d in order))
+    return buf.permute([0] + [1 + order.index(d) for d in range(p.dim())])
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
 
 
 class DualMode(TorchDispatchMode):
@@ -271,6 +283,13 @@ def _return_mutated(func, full, written):
 def _write(func, target, value, tvalue, chunk):
     if isinstance(target, Dual):
         target.primal.copy_(value)
+        if target._view_of is not None and target.tangent is not None:
+            base = target._view_of[0]
+            if base.tangent is not None and not _shares_storage(target.tangent, base.tangent):
+                raise RuntimeError(
+                    f"torch_fwd: {func} writes through a view whose tangent could not be formed as a "
+                    f"view of its base's tangent (an unusual memory layout); the write would not reach "
+                    f"the base.\n  at {user_source_line()}")
         if tvalue is None:
             t = target.tangent
             if t is not None:
