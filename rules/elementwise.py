@@ -145,9 +145,9 @@ def _add_like(sign):
 
 reg(aten.add.Tensor, _add_like(1)(aten.add.Tensor))
 reg(aten.sub.Tensor, _add_like(-1)(aten.sub.Tensor))
-reg(aten.add.Scalar, linear(aten.add.Scalar, lambda t, *a: t))
-reg(aten.sub.Scalar, linear(aten.sub.Scalar, lambda t, *a: t))
-reg(aten.rsub.Scalar, linear(aten.rsub.Scalar, lambda t, x, s, alpha: -alpha * t))
+reg(aten.add.Scalar, linear(aten.add.Scalar, lambda t, *a: t, homogeneous=False))
+reg(aten.sub.Scalar, linear(aten.sub.Scalar, lambda t, *a: t, homogeneous=False))
+reg(aten.rsub.Scalar, linear(aten.rsub.Scalar, lambda t, x, s, alpha: -alpha * t, homogeneous=False))
 reg(aten.rsub.Tensor, lambda p, t: (aten.rsub.Tensor(p[0], p[1], alpha=p[2]),
                                    tadd(None if t[0] is None else -p[2] * t[0], t[1])))
 
@@ -191,9 +191,9 @@ def _tie(a, b, y):
 reg(aten.maximum.default, elementwise(aten.maximum.default, lambda a, b, y: _tie(a, b, y), lambda a, b, y: _tie(b, a, y)))
 reg(aten.minimum.default, elementwise(aten.minimum.default, lambda a, b, y: _tie(b, a, y), lambda a, b, y: _tie(a, b, y)))
 reg(aten.fmod.Tensor, elementwise(aten.fmod.Tensor, lambda a, b, y: torch.ones_like(y), lambda a, b, y: -torch.trunc(a / b)))
-reg(aten.fmod.Scalar, linear(aten.fmod.Scalar, lambda t, *a: t))
+reg(aten.fmod.Scalar, linear(aten.fmod.Scalar, lambda t, *a: t, homogeneous=False))
 reg(aten.remainder.Tensor, elementwise(aten.remainder.Tensor, lambda a, b, y: torch.ones_like(y), lambda a, b, y: -torch.floor(a / b)))
-reg(aten.remainder.Scalar, linear(aten.remainder.Scalar, lambda t, *a: t))
+reg(aten.remainder.Scalar, linear(aten.remainder.Scalar, lambda t, *a: t, homogeneous=False))
 reg(aten.logaddexp.default, elementwise(aten.logaddexp.default, lambda a, b, y: torch.exp(a - y), lambda a, b, y: torch.exp(b - y)))
 reg(aten.hypot.default, elementwise(aten.hypot.default, lambda a, b, y: a / y, lambda a, b, y: b / y))
 reg(aten.xlogy.Tensor, elementwise(aten.xlogy.Tensor, lambda x, z, y: torch.where(x == 0, torch.zeros_like(y), torch.log(z)),
@@ -207,17 +207,24 @@ reg(aten.addcdiv.default, elementwise(aten.addcdiv.default, lambda s, a, b, v, y
 
 
 def _clamp_tensor(p, t):
+    """clamp = min(max(x, lo), hi), differentiated as that composition (so lo > hi, where the
+    result is hi, is right too)."""
     x, lo, hi = p
     y = aten.clamp.Tensor(x, lo, hi)
+    if all(ti is None for ti in t):
+        return y, None
     nd = y.dim()
     zero_ = torch.zeros((), dtype=y.dtype, device=y.device)
-    tx = align(t[0], nd) if t[0] is not None else zero_
-    out = tx
+
+    def tan(i):
+        return align(t[i], nd) if t[i] is not None else zero_
+    out, inner = tan(0), x
     if lo is not None:
-        out = torch.where(x < lo, align(t[1], nd) if t[1] is not None else zero_, out)
+        out = torch.where(x >= lo, out, tan(1))
+        inner = torch.maximum(x, lo)
     if hi is not None:
-        out = torch.where(x > hi, align(t[2], nd) if t[2] is not None else zero_, out)
-    if not isinstance(out, torch.Tensor) or out.dim() == 0:
+        out = torch.where(inner <= hi, out, tan(2))
+    if out.dim() == 0:  # every tangent was a symbolic zero on the chosen branches
         return y, None
     return y, out
 

@@ -52,11 +52,16 @@ def _scatter_src(op):
 reg(aten.scatter.src, _scatter_src(aten.scatter.src))
 reg(aten.scatter_add.default, _scatter_src(aten.scatter_add.default))
 reg(aten.scatter.value, linear(aten.scatter.value, lambda t, x, dim, index, value:
-                               t.scatter(shift_dim(dim, x.dim()), _kexp(index, t.shape[0]), 0.0)))
+                               t.scatter(shift_dim(dim, x.dim()), _kexp(index, t.shape[0]), 0.0), homogeneous=False))
 
 
 def _index_add(p, t):
     x, dim, index, src, alpha = p
+    if x.dim() == 0:  # a scalar: the same as its one-element vector
+        y, ty = _index_add((x.reshape(1), dim, index, src.reshape(-1), alpha),
+                           (None if t[0] is None else t[0].reshape(-1, 1), None, None,
+                            None if t[3] is None else t[3].reshape(t[3].shape[0], -1), None))
+        return y.reshape(()), None if ty is None else ty.reshape(-1)
     y = aten.index_add.default(x, dim, index, src, alpha=alpha)
     if t[0] is None and t[3] is None:
         return y, None

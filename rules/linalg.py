@@ -75,14 +75,21 @@ def _cholesky_tangent(L, tA):
     return L @ phi
 
 
+def _read_symmetric(tA, upper):
+    """The op reads one triangle of A and takes A symmetric: the tangent it sees is that
+    triangle mirrored (what finite differences measure along a non-symmetric direction)."""
+    if upper:
+        return tA.triu() + tA.triu(1).mT
+    return tA.tril() + tA.tril(-1).mT
+
+
 def _cholesky_ex(p, t):
     A, upper, check = p
     L, info = call_op(aten.linalg_cholesky_ex.default, p)
     if t[0] is None:
         return (L, info), None
     low = L.mT if upper else L
-    tA = 0.5 * (t[0] + t[0].mT)  # the op reads a symmetric matrix
-    tl = _cholesky_tangent(low, tA)
+    tl = _cholesky_tangent(low, _read_symmetric(t[0], upper))
     return (L, info), (tl.mT if upper else tl, None)
 
 
@@ -92,7 +99,7 @@ def _cholesky(p, t):
     if t[0] is None:
         return L, None
     low = L.mT if upper else L
-    tl = _cholesky_tangent(low, 0.5 * (t[0] + t[0].mT))
+    tl = _cholesky_tangent(low, _read_symmetric(t[0], upper))
     return L, tl.mT if upper else tl
 
 
@@ -230,6 +237,11 @@ TEST_CASES = [
     case("cholesky", lambda a: torch.linalg.cholesky(a @ a.mT + 4 * torch.eye(4, dtype=a.dtype)), lambda: (randn(4, 4),)),
     case("cholesky_upper", lambda a: torch.linalg.cholesky(a @ a.mT + 4 * torch.eye(4, dtype=a.dtype), upper=True), lambda: (randn(4, 4),)),
     case("cholesky_batched", lambda a: torch.cholesky(a @ a.mT + 4 * torch.eye(3, dtype=a.dtype)), lambda: (randn(2, 3, 3),)),
+    # along a non-symmetric direction only the triangle the op reads counts; torch.func.jvp
+    # takes the whole matrix, finite differences agree with us
+    case("cholesky_nonsymmetric_direction", torch.linalg.cholesky, lambda: (_spd(4),), check_torch_func=False),
+    case("cholesky_upper_nonsymmetric_direction", lambda a: torch.linalg.cholesky(a, upper=True), lambda: (_spd(4),),
+         check_torch_func=False),
     case("solve_triangular", lambda a, b: torch.linalg.solve_triangular(a, b, upper=False), lambda: (_tri(4), randn(4, 2))),
     case("solve_triangular_right_upper", lambda a, b: torch.linalg.solve_triangular(a, b, upper=True, left=False, unitriangular=True),
          lambda: (_tri(3, upper=True), randn(2, 3))),

@@ -12,7 +12,9 @@ aten = torch.ops.aten
 
 
 def _dims(dim, ndim):
-    """A reduction's dims as tangent dims (None or [] mean every dim)."""
+    """A reduction's dims as tangent dims (None or [] mean every dim; a 0-d tensor has none)."""
+    if ndim == 0:
+        return []
     if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
         return list(range(1, ndim + 1)) if ndim > 0 else []
     if isinstance(dim, int):
@@ -173,7 +175,9 @@ def _var_like(op, is_std):
             n *= x.shape[d]
         c = 1 if correction is None else correction
         mean = x.mean(dim=pdims or None, keepdim=True) if pdims else x
-        dvar = _sum(t[0] * (x - mean), dims, keepdim) * (2.0 / max(n - c, 0) if n - c > 0 else float("nan"))
+        # scaled before the sum, as PyTorch does: an empty reduction then gives 0, not 0 * inf
+        scale = 2.0 / (n - c) if n != c else float("inf")
+        dvar = _sum(t[0] * ((x - mean) * scale), dims, keepdim)
         if is_std:
             return y, dvar / (2 * y)
         return y, dvar

@@ -45,14 +45,37 @@ reg(aten.roll.default, linear(aten.roll.default, lambda t, x, shifts, dims=():
 reg(aten.triu.default, linear(aten.triu.default, lambda t, x, diagonal=0: t.triu(diagonal)))
 reg(aten.tril.default, linear(aten.tril.default, lambda t, x, diagonal=0: t.tril(diagonal)))
 reg(aten.repeat.default, linear(aten.repeat.default, lambda t, x, repeats: align(t, len(repeats)).repeat([1] + list(repeats))))
-reg(aten.constant_pad_nd.default, linear(aten.constant_pad_nd.default, lambda t, x, pad, value=0: aten.constant_pad_nd.default(t, pad, 0.0)))
+reg(aten.constant_pad_nd.default, linear(aten.constant_pad_nd.default, lambda t, x, pad, value=0:
+                                         aten.constant_pad_nd.default(t, pad, 0.0), homogeneous=False))
 reg(aten.unfold.default, linear(aten.unfold.default, lambda t, x, dim, size, step: t.unfold(shift_dim(dim, x.dim()), size, step)))
 reg(aten.diagonal.default, linear(aten.diagonal.default, lambda t, x, offset=0, dim1=0, dim2=1:
                                   t.diagonal(offset, shift_dim(dim1, x.dim()), shift_dim(dim2, x.dim()))))
 reg(aten.diag_embed.default, linear(aten.diag_embed.default, lambda t, x, offset=0, dim1=-2, dim2=-1:
                                     torch.diag_embed(t, offset, dim1 if dim1 < 0 else dim1 + 1, dim2 if dim2 < 0 else dim2 + 1)))
 reg(aten.movedim.int, linear(aten.movedim.int, lambda t, x, a, b: t.movedim(shift_dim(a, x.dim()), shift_dim(b, x.dim()))))
-for _op in (aten.as_strided.default, aten.diag.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default,
+def _as_strided(p, t):
+    """as_strided addresses the primal's *storage*. When the tangent mirrors that storage
+    direction by direction (a view of a tangent laid out like its base), stride the
+    tangent's own storage: elements outside the view then count, as they do for the primal.
+    Otherwise lay the tangent out in a buffer shaped like the storage, zeros elsewhere."""
+    x, size, stride, offset = p
+    y = call_op(aten.as_strided.default, p)
+    if t[0] is None:
+        return y, None
+    tx = t[0]
+    k = tx.shape[0]
+    n = x.untyped_storage().nbytes() // x.element_size()
+    off = x.storage_offset() if offset is None else offset
+    if tuple(tx.stride()[1:]) == tuple(x.stride()) and tx.stride(0) >= n and \
+            tx.storage_offset() == x.storage_offset() and tx.untyped_storage().nbytes() >= k * n * tx.element_size():
+        return y, tx.as_strided((k,) + tuple(size), (tx.stride(0),) + tuple(stride), off)
+    buf = tx.new_zeros((k, n))
+    buf.as_strided((k,) + tuple(x.shape), (n,) + tuple(x.stride()), x.storage_offset()).copy_(tx)
+    return y, buf.as_strided((k,) + tuple(size), (n,) + tuple(stride), off)
+
+
+reg(aten.as_strided.default, _as_strided)
+for _op in (aten.diag.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default,
             aten.reflection_pad1d.default, aten.reflection_pad2d.default, aten.replication_pad1d.default,
             aten.replication_pad2d.default, aten._reshape_alias.default):
     reg(_op, linear_vmap(_op))
@@ -149,5 +172,6 @@ TEST_CASES = [
     case("unfold", lambda x: x.unfold(1, 2, 1), lambda: (randn(2, 5),)),
     case("to_dtype", lambda x: x.float().double() * 2, lambda: (randn(3),), atol=1e-3, rtol=1e-3),
     case("as_strided", lambda x: x.as_strided((2, 2), (1, 2)), lambda: (randn(6),)),
+    case("as_strided_of_a_view", lambda x: x[2:].as_strided((2, 2), (1, 2), 1), lambda: (randn(6),)),
     case("clone_contig", lambda x: x.t().contiguous().clone(), lambda: (randn(3, 4),)),
 ]

@@ -62,10 +62,19 @@ def shift_dims(dims, ndim: int):
     return [shift_dim(d, ndim) for d in dims]
 
 
-def linear(op, tangent_fn):
+def linear(op, tangent_fn, homogeneous=True):
     """Ops linear in their first argument: dy = tangent_fn(dx, *primals) where tangent_fn
-    applies the op to a chunked tangent (usually with a shifted dim, one line)."""
+    applies the op to a chunked tangent (usually with a shifted dim, one line).
+
+    A 0-d primal has dims only by convention (dim 0 or -1 of a scalar); for a homogeneous op
+    (dy = op(dx)) its tangent (K,) goes through torch.vmap of the op instead, whose batching
+    rules know that convention. Affine ops (``x + 1``: dy = dx, not op(dx)) pass
+    ``homogeneous=False`` and keep a tangent_fn that does not depend on dims."""
+    vmapped = linear_vmap(op) if homogeneous else None
+
     def rule(p, t):
+        if vmapped is not None and t[0] is not None and isinstance(p[0], torch.Tensor) and p[0].dim() == 0:
+            return vmapped(p, t)
         y = call_op(op, p)
         tx = t[0]
         return y, (None if tx is None else tangent_fn(tx, *p))
