@@ -153,7 +153,51 @@ def _legit_functional(p, t):
     return (out, sm, si, nrm, nrv), (to, tm, ti, None, None)
 
 
+def _with_update(p, t):
+    x, w, b, rm, rv, momentum, eps = p
+    out, sm, si, reserve = aten._batch_norm_with_update.default(*p)
+    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, True, eps, out, sm, si, t[0], t[1], t[2])
+    return (out, sm, si, reserve), (to, tm, ti, None)
+
+
+def _with_update_functional(p, t):
+    x, w, b, rm, rv, momentum, eps = p
+    outs = aten._batch_norm_with_update_functional.default(*p)
+    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, True, eps, outs[0], outs[1], outs[2], t[0], t[1], t[2])
+    return outs, (to, tm, ti, None, None, None)
+
+
+def _no_update(p, t):
+    x, w, b, rm, rv, momentum, eps = p
+    out, sm, si, reserve = aten._batch_norm_no_update.default(*p)
+    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, rm is None, eps, out, sm, si, t[0], t[1], t[2])
+    return (out, sm, si, reserve), (to, tm, ti, None)
+
+
 reg(aten.native_batch_norm.default, _native_batch_norm)
+reg(aten._batch_norm_with_update.default, _with_update)
+reg(aten._batch_norm_with_update_functional.default, _with_update_functional)
+reg(aten._batch_norm_no_update.default, _no_update)
+
+
+def _rrelu_slopes(op):
+    """rrelu: y = x * s with s drawn per element (training) or fixed; the op writes s into
+    ``noise``, so the tangent is dx * s with the primal's own draw."""
+    def rule(p, t):
+        x, noise, lower, upper, training = p[:5]
+        res = call_op(op, p)
+        y = res[0] if isinstance(res, tuple) else res
+        if training:
+            slopes = (res[1] if isinstance(res, tuple) else noise)
+        else:
+            slopes = torch.where(x >= 0, torch.ones_like(x), torch.full_like(x, (lower + upper) / 2))
+        ty = None if t[0] is None else t[0] * slopes
+        return res, ((ty, None) if isinstance(res, tuple) else ty)
+    return rule
+
+
+reg(aten.rrelu_with_noise.default, _rrelu_slopes(aten.rrelu_with_noise.default))
+reg(aten.rrelu_with_noise_functional.default, _rrelu_slopes(aten.rrelu_with_noise_functional.default))
 reg(aten._native_batch_norm_legit.default, _legit)
 reg(aten._native_batch_norm_legit.no_stats, _legit_no_stats)
 reg(aten._native_batch_norm_legit_no_training.default, _legit_no_training)
@@ -379,6 +423,10 @@ TEST_CASES = [
     case("conv2d_stride_groups", lambda x, w: F.conv2d(x, w, stride=2, groups=2), lambda: (randn(2, 4, 6, 6), randn(6, 2, 3, 3))),
     case("conv_transpose2d", lambda x, w: F.conv_transpose2d(x, w, stride=2), lambda: (randn(1, 2, 3, 3), randn(2, 3, 2, 2))),
     case("dropout_eval", lambda x: F.dropout(x, 0.5, training=False), lambda: (randn(3, 4),)),
+    case("rrelu_eval", lambda x: F.rrelu(x, 0.1, 0.3, training=False), lambda: (randn(3, 4),)),
+    case("batch_norm_with_update", lambda x, w, b: torch.ops.aten._batch_norm_with_update(
+        x, w, b, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), 0.1, 1e-5)[0],
+        lambda: (randn(4, 3, 5), randn(3), randn(3))),
     case("sdpa", SDPA, lambda: _qkv()),
     case("sdpa_causal_scale", lambda q, k, v: SDPA(q, k, v, is_causal=True, scale=0.3), lambda: _qkv(S=5)),
     case("sdpa_bool_mask", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (torch.rand(5, 6) > 0.3,)),

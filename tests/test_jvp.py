@@ -341,3 +341,14 @@ def test_capture_cache_is_bounded_for_lambdas_made_every_step():
         _, t = torch_fwd.jvp(lambda x: torch.sin(x) * 2, (x,), (v,))
     assert len(api._captures) <= api._CAPTURE_CACHE_SIZE
     torch.testing.assert_close(t, 2 * torch.cos(x) * v)
+
+
+@pytest.mark.parametrize("path", ["eager", "graph"])
+def test_rrelu_training_uses_the_primal_slopes(path):
+    x, v = rand(50), rand(50)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out, t = torch_fwd.jvp(lambda x: F.rrelu(x, 0.1, 0.3, training=True), (x,), (v,), path=path)
+    slopes = out / x
+    assert torch.all((slopes[x < 0] >= 0.1) & (slopes[x < 0] <= 0.3))
+    torch.testing.assert_close(t, v * slopes)

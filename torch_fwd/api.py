@@ -168,7 +168,7 @@ def _collect(raw, has_aux, tangent_of, chunk):
 def _eager(func, flat_p, ts, spec, chunk, has_aux):
     # clone: an in-place op on an input inside func must not write into the caller's tangent
     duals = [Dual(p, t.clone(), chunk=chunk) for p, t in zip(flat_p, ts)]
-    with DualMode(chunk):
+    with dual_mode(chunk):
         raw = func(*pytree.tree_unflatten(duals, spec))
     res, aux = _split_aux(raw, has_aux)
     tangent_by_id = {id(d.primal): d.tangent for d in pytree.tree_leaves(res) if isinstance(d, Dual)}
@@ -320,4 +320,4 @@ def make_jvp_graph(func, *primals, chunk=1):
     return gm
 
 
-from .dual import Dual, DualMode, unwrap_tree  # noqa: E402
+from .dual import Dual, dual_mode, unwrap_tree  # noqa: E402

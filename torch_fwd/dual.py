@@ -14,8 +14,11 @@ torch.compile and aot_autograd use for wrapper subclasses.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.utils._pytree as pytree
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import registry
@@ -127,6 +130,31 @@ class DualMode(TorchDispatchMode):
         return dispatch(func, args, kwargs, self)
 
 
+class _PythonMatmul(TorchFunctionMode):
+    """ATen's C++ matmul squeezes its result in place (squeeze_), which a wrapper tensor
+    cannot follow; PyTorch's Python decomposition of matmul does the same out of place."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _MATMULS and not kwargs and len(args) == 2:
+            a, b = (args[1], args[0]) if func is torch.Tensor.__rmatmul__ else args
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                from torch._decomp.decompositions import matmul
+                return matmul(a, b)
+        return func(*args, **kwargs)
+
+
+
+_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
+
+
+@contextlib.contextmanager
+def dual_mode(chunk: int):
+    """The eager path's modes: DualMode, and the function mode that keeps matmul traceable."""
+    with _PythonMatmul(), DualMode(chunk):
+        yield
+
+
 def _p(a):
     if isinstance(a, Dual):
         return a.primal
@@ -175,7 +203,14 @@ def dispatch(func, args, kwargs, mode):
             f"  at {user_source_line()}\n"
             f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
             f"capturable (no graph break) so that the graph path runs, which autograd sees.")
-    if func._schema.is_mutable:
+    if torch.Tag.inplace_view in func.tags:
+        raise NotImplementedError(
+            f"torch_fwd: {func} changes a tensor's shape in place, which a Dual (a wrapper tensor) "
+            f"cannot do; use the out-of-place op (e.g. x = x.squeeze(0) for x.squeeze_(0)).\n"
+            f"  at {user_source_line()}")
+    if func._schema.is_mutable and registry.lookup(func) is None:
+        # (an op with its own rule, e.g. batch norm updating running statistics, mutates
+        # inside the rule by calling the op itself)
         return _mutating(func, full, primals, tangents, mode)
     out, tout = jvp_op(func, primals, tangents)
     view_base = None
