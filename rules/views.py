@@ -81,6 +81,12 @@ for _op in (aten.diag.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.
     reg(_op, linear_vmap(_op))
 
 
+reg(aten.view_as_real.default, linear(aten.view_as_real.default, lambda t, x: torch.view_as_real(t)))
+reg(aten.view_as_complex.default, linear(aten.view_as_complex.default, lambda t, x: torch.view_as_complex(t)))
+reg(aten._conj.default, linear(aten._conj.default, lambda t, x: t._conj()))
+reg(aten._neg_view.default, linear(aten._neg_view.default, lambda t, x: t._neg_view()))
+
+
 def _to_copy(p, t):
     y = call_op(aten._to_copy.default, p)
     if t[0] is None or not (y.is_floating_point() or y.is_complex()):

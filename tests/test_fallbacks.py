@@ -70,3 +70,15 @@ def test_complex_inputs_use_pytorchs_formulas(path):
     ref_out, ref_t = torch.func.jvp(f, (z, w), (tz, tw))
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(t, ref_t)
+
+
+@pytest.mark.parametrize("path", ["eager", "graph"])
+def test_complex_views_and_construction(path):
+    def f(re, im):
+        z = torch.complex(re, im) * torch.polar(re.abs() + 1, im)
+        return torch.view_as_real(z.conj() * 2).sum(-1) + z.real * z.imag
+    re, im = rand(3, 4), rand(3, 4)
+    tr, ti = rand(3, 4), rand(3, 4)
+    _, t = torch_fwd.jvp(f, (re, im), (tr, ti), path=path)
+    _, ref = torch.func.jvp(f, (re, im), (tr, ti))
+    torch.testing.assert_close(t, ref)

@@ -79,6 +79,8 @@ def linear(op, tangent_fn, homogeneous=True):
         tx = t[0]
         return y, (None if tx is None else tangent_fn(tx, *p))
     rule.__name__ = f"linear_rule_{op}"
+    # dy = op(dx) holds for complex x too (the ops are real-linear): see engine.jvp_op
+    rule.complex_safe = homogeneous
     return rule
 
 
@@ -99,6 +101,7 @@ def linear_vmap(op, argnum: int = 0):
         with above_dispatch():
             return y, torch.vmap(f)(tx)
     rule.__name__ = f"linear_vmap_rule_{op}"
+    rule.complex_safe = True
     return rule
 
 
