@@ -127,7 +127,7 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
             if t is not None and i in mutated:
                 t = t.clone()  # never write into the caller's tangent
             duals.append(Dual(p, t, chunk=chunk))
-        with DualMode(chunk):
+        with DualMode(chunk, graph=True):
             outs = _SourceInterpreter(aten_gm).run(*duals)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         prim = [o.primal if isinstance(o, Dual) else o for o in outs]
