@@ -17,7 +17,6 @@ class Case:
     atol: float = 1e-6
     rtol: float = 1e-5
     check_torch_func: bool = True
-    nondiff_note: str = ""
     graph: bool = True  # False: the function cannot be captured (item, data-dependent flow)
 
 
