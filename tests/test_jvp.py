@@ -352,3 +352,25 @@ def test_rrelu_training_uses_the_primal_slopes(path):
     slopes = out / x
     assert torch.all((slopes[x < 0] >= 0.1) & (slopes[x < 0] <= 0.3))
     torch.testing.assert_close(t, v * slopes)
+
+
+@pytest.mark.parametrize("path", ["graph", "eager"])
+@pytest.mark.parametrize("view", [lambda x: x.T, lambda x: x[1], lambda x: x.view(-1), lambda x: x.mT[::2],
+                                  lambda x: (x, x.T, x.sin()), lambda x: x.unsqueeze(0).expand(2, 3, 4)])
+def test_outputs_that_are_views_of_inputs(path, view):
+    """Dynamo re-creates such outputs outside its graph: their tangents must still come
+    through the view, never as a silent zero."""
+    x, v = rand(3, 4), rand(3, 4)
+    out, t = torch_fwd.jvp(view, (x,), (v,), path=path)
+    ref_out, ref_t = torch.func.jvp(view, (x,), (v,))
+    torch.testing.assert_close(t, ref_t)
+
+
+@pytest.mark.parametrize("path", ["graph", "eager"])
+def test_view_of_a_mutated_input(path):
+    def f(x):
+        x.mul_(3)
+        return x.T
+    x, v = rand(3, 4), rand(3, 4)
+    _, t = torch_fwd.jvp(f, (x.clone(),), (v,), path=path)
+    torch.testing.assert_close(t, 3 * v.T)

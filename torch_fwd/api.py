@@ -120,7 +120,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
         cap = _capture_for(func)
         try:
             raw, results = cap.run(primal_args, {}, flat_p, ts, chunk, lambda: _signature(flat_p, ts, chunk))
-            out = _collect(raw, has_aux, lambda o: results.get(id(o), _input_tangent(o, flat_p, ts)), chunk)
+            out = _collect(raw, has_aux, lambda o: _graph_output_tangent(o, results, flat_p, ts), chunk)
             _last_path.value = "graph"
         except CaptureFailed as e:
             if path == "graph":
@@ -136,11 +136,34 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
     return (res, tres, aux) if has_aux else (res, tres)
 
 
-def _input_tangent(o, flat_p, ts):
-    for p, t in zip(flat_p, ts):
-        if o is p:
-            return t
+def _graph_output_tangent(o, results, flat_p, ts):
+    """The tangent of an output of a captured function. Dynamo returns some outputs from
+    bytecode after the graph rather than from it -- a view of an input is re-created
+    there (``x.T``), an input is returned as is -- so an output the graph did not produce
+    but whose storage is an input's gets that input's tangent through the same view; only
+    an output sharing nothing with the inputs has a zero tangent."""
+    t = results.get(id(o))
+    if t is not None:
+        return t
+    if o.numel() == 0:
+        return None
+    for p, tp in zip(flat_p, ts):
+        if p.numel() and o.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+            tp = results.get(id(p), tp)  # the input's tangent after any in-place update
+            if o is p:
+                return tp
+            return _same_view(o, p, tp)
     return None
+
+
+def _same_view(o, p, tp):
+    """Tangent of ``o``, a view of ``p``'s storage: ``tp`` laid out like that storage (one
+    copy per direction, zeros outside ``p``), strided as ``o`` is."""
+    k = tp.shape[0]
+    n = p.untyped_storage().nbytes() // p.element_size()
+    buf = tp.new_zeros((k, n))
+    buf.as_strided((k,) + tuple(p.shape), (n,) + tuple(p.stride()), p.storage_offset()).copy_(tp)
+    return buf.as_strided((k,) + tuple(o.shape), (n,) + tuple(o.stride()), o.storage_offset())
 
 
 def _split_aux(raw, has_aux):
