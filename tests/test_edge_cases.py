@@ -83,3 +83,29 @@ def test_eager_path_refuses_silent_gradient_loss():
     with torch.no_grad():
         _, t = torch_fwd.jvp(f, (x,), (v,))
     torch.testing.assert_close(t, v @ lin.weight.T.detach())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shapes", [((10,), (10, 5)), ((3, 10), (10,)), ((10,), (2, 10, 5)), ((10,), (10,))])
+def test_matmul_shapes_whose_aten_kernel_squeezes_in_place(path, shapes):
+    """ATen's matmul squeezes its result in place (squeeze_): both paths must keep shapes."""
+    a, b = torch.randn(*shapes[0], dtype=D), torch.randn(*shapes[1], dtype=D)
+    ta, tb = torch.randn_like(a), torch.randn_like(b)
+    out, t = torch_fwd.jvp(torch.matmul, (a, b), (ta, tb), path=path)
+    ref_out, ref_t = torch.func.jvp(torch.matmul, (a, b), (ta, tb))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(t, ref_t)  # shapes included
+
+
+@pytest.mark.parametrize("path", ["graph", "auto", "eager"])
+def test_quantile_in_place_squeeze(path):
+    """quantile's C++ kernel squeezes in place: the graph pass rewrites that out of place;
+    the eager path cannot follow a wrapper's shape change and says so."""
+    x, v = torch.randn(7, 3, dtype=D), torch.randn(7, 3, dtype=D)
+    f = lambda x: torch.quantile(x, 0.3, dim=0)  # noqa: E731
+    if path == "eager":
+        with pytest.raises(NotImplementedError, match="squeeze_"):
+            torch_fwd.jvp(f, (x,), (v,), path=path)
+        return
+    _, t = torch_fwd.jvp(f, (x,), (v,), path=path)
+    torch.testing.assert_close(t, torch.func.jvp(f, (x,), (v,))[1])

@@ -184,7 +184,13 @@ def _collect(raw, has_aux, tangent_of, chunk):
             raise TypeError(f"jvp: func must return tensors (or pytrees of them); output leaf {i} is a "
                             f"{type(o).__name__}")
         t = tangent_of(o)
-        touts.append(t if t is not None else o.new_zeros((chunk,) + tuple(o.shape)))
+        if t is None:
+            t = o.new_zeros((chunk,) + tuple(o.shape))
+        elif tuple(t.shape) != (chunk,) + tuple(o.shape):
+            # a broken invariant inside torch_fwd: never hand it back as an answer
+            raise RuntimeError(f"torch_fwd internal error: output leaf {i} has shape {tuple(o.shape)} but its "
+                               f"tangent {tuple(t.shape)}; please report this with the function")
+        touts.append(t)
     return res, pytree.tree_unflatten(touts, spec), aux
 
 

@@ -122,10 +122,9 @@ class DualMode(TorchDispatchMode):
     """Routes every op through the rule table and wraps every floating tensor result as
     a Dual, so tensors created inside the function can receive tangents in place."""
 
-    def __init__(self, chunk: int, graph: bool = False):
+    def __init__(self, chunk: int):
         super().__init__()
         self.chunk = chunk
-        self.graph = graph  # interpreting a captured graph (transform.py), not user code
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         return dispatch(func, args, kwargs, self)
@@ -205,10 +204,8 @@ def dispatch(func, args, kwargs, mode):
             f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
             f"capturable (no graph break) so that the graph path runs, which autograd sees.")
     if torch.Tag.inplace_view in func.tags:
-        if mode is not None and mode.graph:
-            # In the graph pass every later use of the tensor refers to this node's result
-            # (make_fx rebinds an in-place op's output), so the out-of-place view is exact.
-            return dispatch(_out_of_place(func), args, kwargs, mode)
+        # (PyTorch returns `self` from an in-place op whatever a handler returns, so a new
+        # Dual cannot stand in for it; the graph pass rewrites these ops before it runs)
         raise NotImplementedError(
             f"torch_fwd: {func} changes a tensor's shape in place, which a Dual (a wrapper tensor) "
             f"cannot do; use the out-of-place op (e.g. x = x.squeeze(0) for x.squeeze_(0)).\n"
@@ -222,12 +219,6 @@ def dispatch(func, args, kwargs, mode):
     if _is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], Dual):
         view_base = full[0]
     return _wrap(func, out, tout, mode, view_base, primals)
-
-
-def _out_of_place(func):
-    """squeeze_.dim -> squeeze.dim, transpose_.int -> transpose.int, ..."""
-    name = func._schema.name.split("::")[1]
-    return getattr(getattr(torch.ops.aten, name[:-1]), func._overloadname)
 
 
 def _requires_grad(*trees) -> bool:

@@ -69,6 +69,28 @@ def mutated_placeholders(gm: fx.GraphModule) -> set[int]:
     return out
 
 
+def _out_of_place_shape_ops(gm: fx.GraphModule) -> fx.GraphModule:
+    """squeeze_ -> squeeze, transpose_ -> transpose, ...: functionalization keeps in-place
+    *shape* ops, which a wrapper tensor cannot perform. make_fx already points every later
+    use of the tensor at the in-place node, so its out-of-place twin is exact -- except on a
+    graph input, whose caller would see the change: refused (the eager path reports it)."""
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    changed = False
+    for n in gm.graph.nodes:
+        t = n.target
+        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and torch.Tag.inplace_view in t.tags:
+            if n.args and n.args[0] in placeholders:
+                raise NotImplementedError(f"torch_fwd: {t} changes the shape of an input in place")
+            from .dual import _functional_overload
+            n.target = _functional_overload(t)
+            if n.target is None:
+                raise NotImplementedError(f"torch_fwd: no out-of-place twin for {t}")
+            changed = True
+    if changed:
+        gm = fx.GraphModule(gm, gm.graph)
+    return gm
+
+
 @dataclasses.dataclass
 class JVPGraph:
     """A JVP graph: ``gm(*primals, *active_tangents)`` returns
@@ -112,6 +134,7 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     active_inputs = tuple(bool(a) for a in active_inputs)
+    aten_gm = _out_of_place_shape_ops(aten_gm)
     mutated = sorted(mutated_placeholders(aten_gm))
     record: dict = {}
 
@@ -127,7 +150,7 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
             if t is not None and i in mutated:
                 t = t.clone()  # never write into the caller's tangent
             duals.append(Dual(p, t, chunk=chunk))
-        with DualMode(chunk, graph=True):
+        with DualMode(chunk):
             outs = _SourceInterpreter(aten_gm).run(*duals)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
         prim = [o.primal if isinstance(o, Dual) else o for o in outs]
