@@ -265,7 +265,7 @@ def _view_deriver(func, primals, index):
 # In-place and out= ops: run the functional overload's rule, then write primal and tangent.
 # ---------------------------------------------------------------------------------------
 
-def _functional_overload(func):
+def functional_overload(func):
     schema = func._schema
     packet_name = schema.name.split("::")[1]
     ns = getattr(torch.ops, func.namespace)
@@ -295,7 +295,7 @@ def _mutating(func, full, primals, tangents, mode):
         # Nothing active flows in, the mutated tensors had no tangent: plain primal op.
         registry.call_op(func, primals)
         return _return_mutated(func, full, written)
-    fop = _functional_overload(func)
+    fop = functional_overload(func)
     if fop is None:
         raise registry.NoRuleError(
             f"torch_fwd: in-place/out= op {func} has no functional counterpart to take its rule "

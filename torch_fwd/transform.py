@@ -81,8 +81,8 @@ def _out_of_place_shape_ops(gm: fx.GraphModule) -> fx.GraphModule:
         if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and torch.Tag.inplace_view in t.tags:
             if n.args and n.args[0] in placeholders:
                 raise NotImplementedError(f"torch_fwd: {t} changes the shape of an input in place")
-            from .dual import _functional_overload
-            n.target = _functional_overload(t)
+            from .dual import functional_overload
+            n.target = functional_overload(t)
             if n.target is None:
                 raise NotImplementedError(f"torch_fwd: no out-of-place twin for {t}")
             changed = True
