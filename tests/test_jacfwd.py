@@ -55,8 +55,9 @@ def test_bad_arguments():
 def test_pick_chunk_size_is_balanced_and_within_budget():
     from torch_fwd.api import pick_chunk_size
     assert pick_chunk_size(10, 1, 8, budget=10**9) == 10
-    # per direction 8 * 6401 * 8 bytes: 1 GiB allows 2621 -> 3 chunks, balanced at 2134
-    assert pick_chunk_size(6400, 1, 8, budget=2 ** 30) == 2134
+    # per direction 8 * 6401 * 2 bytes: 64 MiB allows 655 -> 10 chunks, balanced at 640
+    assert pick_chunk_size(6400, 1, 8, budget=2 ** 26) == 640
+    assert pick_chunk_size(6400, 1, 8, budget=2 ** 24) == 160  # 163 -> 40 chunks of 160
     assert pick_chunk_size(7, 1, 8, budget=1) == 1
 
 
