@@ -43,6 +43,10 @@ def _check(primals, tangents, chunked):
         raise ValueError(f"jvp: tangents have a different pytree structure than primals:\n"
                          f"  primals:  {spec_p}\n  tangents: {spec_t}")
     chunk = None
+    if any(isinstance(x, Dual) for x in flat_p + flat_t):
+        raise NotImplementedError(
+            "torch_fwd.jvp inside a function that torch_fwd is differentiating (nested jvp, e.g. "
+            "for second derivatives) is not supported yet")
     for i, (p, t) in enumerate(zip(flat_p, flat_t)):
         where = f"primal leaf {i}"
         if not isinstance(p, torch.Tensor):
