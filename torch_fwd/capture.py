@@ -23,7 +23,6 @@ import traceback
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
 
 from . import registry
@@ -40,7 +39,9 @@ def to_aten(fn, args) -> fx.GraphModule:
     """ATen graph of ``fn`` (functionalized), each node keeping the user's stack trace: for
     a GraphModule from dynamo, its nodes' traces carry over (fx.traceback.preserve_node_meta
     with an Interpreter, as aot_autograd does); for a function, make_fx records them."""
+    # (imported here: make_fx pulls in dynamo, ~1 s that `import torch_fwd` need not pay)
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
     import torch.fx.traceback as fx_traceback
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     if isinstance(fn, fx.GraphModule):
@@ -123,19 +124,21 @@ def _backend(gm, example_inputs):
 
 
 class _Settings(threading.local):
-    def __init__(self):
-        # Many closures of one code object (a lambda made in a loop) are a normal pattern:
-        # each is a recompile. Past the limit dynamo must fail loudly, never run the
-        # function uncompiled (it would then run twice). One patch object per thread,
-        # reused: building one costs more than the rest of a small jvp.
-        self.patch = torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=8192,
-                                                fail_on_recompile_limit_hit=True)
+    # Many closures of one code object (a lambda made in a loop) are a normal pattern:
+    # each is a recompile. Past the limit dynamo must fail loudly, never run the function
+    # uncompiled (it would then run twice). One patch object per thread, reused: building
+    # one costs more than the rest of a small jvp. Made on first use: importing dynamo
+    # takes a second that `import torch_fwd` need not pay.
+    patch = None
 
 
 _settings = _Settings()
 
 
 def _DYNAMO_SETTINGS():
+    if _settings.patch is None:
+        _settings.patch = torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=8192,
+                                                     fail_on_recompile_limit_hit=True)
     return _settings.patch
 
 

@@ -17,8 +17,6 @@ import dataclasses
 
 import torch
 import torch.fx as fx
-from torch.fx.experimental.proxy_tensor import make_fx
-from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
 
 from . import engine
 from .dual import Dual, DualMode
@@ -116,6 +114,7 @@ class JVPGraph:
 
 
 def _cse(gm: fx.GraphModule) -> fx.GraphModule:
+    from torch.fx.passes.dialect.common.cse_pass import CSEPass, get_CSE_banned_ops
     banned = set(get_CSE_banned_ops())
     for n in gm.graph.nodes:
         t = n.target
@@ -133,6 +132,7 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
     whatever the rules raise (NoRuleError names the op and the user's source line).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
     active_inputs = tuple(bool(a) for a in active_inputs)
     aten_gm = _out_of_place_shape_ops(aten_gm)
     mutated = sorted(mutated_placeholders(aten_gm))
