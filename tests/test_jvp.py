@@ -128,21 +128,7 @@ def test_data_dependent_control_flow_runs_eagerly_and_never_specialises():
     assert torch_fwd.explain().startswith("eager")
 
 
-def test_python_loop_over_elements_and_buffer_writes():
-    def naive_map_sin_cos_exp(x):
-        y = torch.zeros_like(x)
-        for i in range(x.shape[0]):
-            y[i] = torch.sin(x[i]) * torch.cos(x[i]) + torch.exp(x[i])
-        return y
-
-    def loop_sum(x):
-        s = torch.zeros((), dtype=x.dtype)
-        for v in x:
-            s = s + v
-        return s
-    x = rand(6)
-    check_frule(naive_map_sin_cos_exp, x, paths=("eager", "auto"))
-    check_frule(loop_sum, x, paths=("eager", "auto"))
+# (Python loops over elements and writes into a buffer f allocates: tests/test_mooncake.py)
 
 
 def test_write_through_one_view_seen_by_another():
