@@ -111,13 +111,13 @@ def jvp_op(op, primals: tuple, tangents: tuple):
     if not any_active(tangents):
         return call_op(op, primals), None
     rule = lookup(op)
-    if rule is not None and not (_any_complex(primals) and registry.has_library_rule(op)
-                                 and not registry.is_user_rule(op) and not getattr(rule, "complex_safe", False)):
-        out, tout = rule(primals, tangents)
-        return out, _fix_tangent(op, out, tout)
     # Library rules are written for real tensors (abs' derivative is not sign(z) for a
     # complex z): complex inputs take PyTorch's own formulas, never a real-only rule
-    # (linear rules, dy = op(dx), are marked complex_safe and do apply).
+    # (linear rules, dy = op(dx), are marked complex_safe and do apply; user rules always do).
+    if rule is not None and (getattr(rule, "complex_safe", False) or registry.is_user_rule(op)
+                             or not _any_complex(primals)):
+        out, tout = rule(primals, tangents)
+        return out, _fix_tangent(op, out, tout)
     return _fallback(op, primals, tangents)
 
 

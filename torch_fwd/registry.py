@@ -111,10 +111,6 @@ def lookup(op) -> Rule | None:
     return None
 
 
-def has_library_rule(op) -> bool:
-    return op in _LIBRARY
-
-
 def is_user_rule(op) -> bool:
     return op in _USER or (isinstance(op, OpOverload) and op.overloadpacket in _USER)
 
