@@ -109,3 +109,15 @@ def test_quantile_in_place_squeeze(path):
         return
     _, t = torch_fwd.jvp(f, (x,), (v,), path=path)
     torch.testing.assert_close(t, torch.func.jvp(f, (x,), (v,))[1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_no_grad_and_detach_inside_match_torch_func(path):
+    """Forward mode ignores grad mode (as torch.func.jvp does); detach cuts the tangent."""
+    def f(x):
+        with torch.no_grad():
+            y = x * 2
+        return (y + x).sin() + x.detach().exp() * x
+    x, v = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    _, t = torch_fwd.jvp(f, (x,), (v,), path=path)
+    torch.testing.assert_close(t, torch.func.jvp(f, (x,), (v,))[1])
