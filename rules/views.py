@@ -5,7 +5,7 @@ import torch
 
 from torch_fwd.combinators import linear, linear_vmap, shift_dim, shift_dims
 from torch_fwd.registry import call_op, library_rule as reg
-from torch_fwd.tangent import align, materialize
+from torch_fwd.tangent import align, materialize, restride_through_storage
 
 from ._cases import case, randn
 
@@ -69,9 +69,7 @@ def _as_strided(p, t):
     if tuple(tx.stride()[1:]) == tuple(x.stride()) and tx.stride(0) >= n and \
             tx.storage_offset() == x.storage_offset() and tx.untyped_storage().nbytes() >= k * n * tx.element_size():
         return y, tx.as_strided((k,) + tuple(size), (tx.stride(0),) + tuple(stride), off)
-    buf = tx.new_zeros((k, n))
-    buf.as_strided((k,) + tuple(x.shape), (n,) + tuple(x.stride()), x.storage_offset()).copy_(tx)
-    return y, buf.as_strided((k,) + tuple(size), (n,) + tuple(stride), off)
+    return y, restride_through_storage(tx, x, size, stride, off)
 
 
 reg(aten.as_strided.default, _as_strided)

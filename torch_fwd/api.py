@@ -10,6 +10,7 @@ import torch.utils._pytree as pytree
 
 from .capture import CaptureFailed, GuardedCapture, to_aten
 from .dual import run_with_duals
+from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .transform import build_jvp_graph
 
 __all__ = ["jvp", "jacfwd", "make_jvp_graph", "explain", "JACFWD_MEMORY_BUDGET"]
@@ -152,22 +153,12 @@ def _graph_output_tangent(o, results, flat_p, ts):
     if o.numel() == 0:
         return None
     for p, tp in zip(flat_p, ts):
-        if p.numel() and o.untyped_storage().data_ptr() == p.untyped_storage().data_ptr():
+        if p.numel() and shares_storage(o, p):
             tp = results.get(id(p), tp)  # the input's tangent after any in-place update
             if o is p:
                 return tp
-            return _same_view(o, p, tp)
+            return restride_through_storage(tp, p, o.shape, o.stride(), o.storage_offset())
     return None
-
-
-def _same_view(o, p, tp):
-    """Tangent of ``o``, a view of ``p``'s storage: ``tp`` laid out like that storage (one
-    copy per direction, zeros outside ``p``), strided as ``o`` is."""
-    k = tp.shape[0]
-    n = p.untyped_storage().nbytes() // p.element_size()
-    buf = tp.new_zeros((k, n))
-    buf.as_strided((k,) + tuple(p.shape), (n,) + tuple(p.stride()), p.storage_offset()).copy_(tp)
-    return buf.as_strided((k,) + tuple(o.shape), (n,) + tuple(o.stride()), o.storage_offset())
 
 
 def _split_aux(raw, has_aux):
@@ -189,7 +180,7 @@ def _collect(raw, has_aux, tangent_of, chunk):
                             f"{type(o).__name__}")
         t = tangent_of(o)
         if t is None:
-            t = o.new_zeros((chunk,) + tuple(o.shape))
+            t = zeros_tangent(o, chunk)
         elif tuple(t.shape) != (chunk,) + tuple(o.shape):
             # a broken invariant inside torch_fwd: never hand it back as an answer
             raise RuntimeError(f"torch_fwd internal error: output leaf {i} has shape {tuple(o.shape)} but its "

@@ -23,7 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import registry
 from .engine import jvp_op, user_source_line
-from .tangent import is_differentiable
+from .tangent import is_differentiable, shares_storage
 
 aten = torch.ops.aten
 
@@ -112,10 +112,6 @@ def _zeros_in_layout_of(p: torch.Tensor, chunk: int) -> torch.Tensor:
     order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
     buf = p.new_zeros((chunk,) + tuple(p.shape[d] for d in order))
     return buf.permute([0] + [1 + order.index(d) for d in range(p.dim())])
-
-
-def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
 
 
 class DualMode(TorchDispatchMode):
@@ -322,7 +318,7 @@ def _write(func, target, value, tvalue, chunk):
         target.primal.copy_(value)
         if target._view_of is not None and target.tangent is not None:
             base = target._view_of[0]
-            if base.tangent is not None and not _shares_storage(target.tangent, base.tangent):
+            if base.tangent is not None and not shares_storage(target.tangent, base.tangent):
                 raise RuntimeError(
                     f"torch_fwd: {func} writes through a view whose tangent could not be formed as a "
                     f"view of its base's tangent (an unusual memory layout); the write would not reach "

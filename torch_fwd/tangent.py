@@ -12,27 +12,13 @@ from __future__ import annotations
 
 import torch
 
-__all__ = [
-    "is_differentiable",
-    "chunk_of",
-    "align",
-    "tadd",
-    "tsub",
-    "tneg",
-    "tscale",
-    "reduce_to",
-    "zeros_tangent",
-    "materialize",
-]
+__all__ = ["is_differentiable", "align", "tadd", "zeros_tangent", "materialize", "shares_storage",
+           "restride_through_storage"]
 
 
 def is_differentiable(x) -> bool:
     """Only floating and complex tensors carry tangents."""
     return isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex())
-
-
-def chunk_of(t: torch.Tensor) -> int:
-    return t.shape[0]
 
 
 def align(t: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
@@ -59,44 +45,6 @@ def tadd(a, b):
     return align(a, nd) + align(b, nd)
 
 
-def tsub(a, b):
-    if b is None:
-        return a
-    if a is None:
-        return -b
-    nd = max(a.dim(), b.dim()) - 1
-    return align(a, nd) - align(b, nd)
-
-
-def tneg(a):
-    return None if a is None else -a
-
-
-def tscale(t, factor, out_ndim: int | None = None):
-    """t * factor, with factor primal-shaped (or a scalar) and broadcast like the primal."""
-    if t is None:
-        return None
-    if out_ndim is None:
-        out_ndim = max(t.dim() - 1, factor.dim() if isinstance(factor, torch.Tensor) else 0)
-    return align(t, out_ndim) * factor
-
-
-def reduce_to(t: torch.Tensor | None, shape) -> torch.Tensor | None:
-    """Sum a (K, *B) tangent down to (K, *shape) where B is ``shape`` broadcast (expand's adjoint
-    is not needed in forward mode, but broadcasting rules such as where() use it for masks)."""
-    if t is None:
-        return None
-    shape = tuple(shape)
-    lead = t.dim() - 1 - len(shape)
-    dims = list(range(1, 1 + lead))
-    for i, s in enumerate(shape):
-        if s == 1 and t.shape[1 + lead + i] != 1:
-            dims.append(1 + lead + i)
-    if dims:
-        t = t.sum(dim=dims, keepdim=True)
-    return t.reshape((t.shape[0],) + shape)
-
-
 def zeros_tangent(p: torch.Tensor, k: int) -> torch.Tensor:
     return p.new_zeros((k,) + tuple(p.shape))
 
@@ -109,3 +57,18 @@ def materialize(t, p: torch.Tensor, k: int) -> torch.Tensor:
     if t.shape[1:] != p.shape:
         t = t.expand((t.shape[0],) + tuple(p.shape))
     return t
+
+
+def shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
+
+
+def restride_through_storage(tx: torch.Tensor, x: torch.Tensor, size, stride, offset) -> torch.Tensor:
+    """The tangent of ``x.as_strided(size, stride, offset)`` given ``tx``, x's tangent: lay
+    ``tx`` out in a buffer shaped like x's storage (one per direction, zeros outside x),
+    then stride it as the primal is strided."""
+    k = tx.shape[0]
+    n = x.untyped_storage().nbytes() // x.element_size()
+    buf = tx.new_zeros((k, n))
+    buf.as_strided((k,) + tuple(x.shape), (n,) + tuple(x.stride()), x.storage_offset()).copy_(tx)
+    return buf.as_strided((k,) + tuple(size), (n,) + tuple(stride), offset)

@@ -19,7 +19,8 @@ import torch
 import torch.fx as fx
 
 from . import engine
-from .dual import Dual, DualMode
+from .dual import Dual, DualMode, functional_overload
+from .tangent import zeros_tangent
 
 __all__ = ["JVPGraph", "build_jvp_graph"]
 
@@ -79,7 +80,6 @@ def _out_of_place_shape_ops(gm: fx.GraphModule) -> fx.GraphModule:
         if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and torch.Tag.inplace_view in t.tags:
             if n.args and n.args[0] in placeholders:
                 raise NotImplementedError(f"torch_fwd: {t} changes the shape of an input in place")
-            from .dual import functional_overload
             n.target = functional_overload(t)
             if n.target is None:
                 raise NotImplementedError(f"torch_fwd: no out-of-place twin for {t}")
@@ -156,8 +156,8 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
         prim = [o.primal if isinstance(o, Dual) else o for o in outs]
         touts = [o.tangent if isinstance(o, Dual) else None for o in outs]
         if zeros_for_inactive:
-            touts = [t if t is not None or not isinstance(p, torch.Tensor) else
-                     p.new_zeros((chunk,) + tuple(p.shape)) for t, p in zip(touts, prim)]
+            touts = [t if t is not None or not isinstance(p, torch.Tensor) else zeros_tangent(p, chunk)
+                     for t, p in zip(touts, prim)]
         record["active_outputs"] = tuple(t is not None for t in touts)
         record["n_outputs"] = len(outs)
         for i in mutated:
@@ -168,8 +168,7 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
                                    f"tangent (a buffer or global), a tangent that would be lost")
         mut = [duals[i].tangent for i in mutated]
         # a mutated input whose new value has no tangent gets an explicit zero
-        mut = [t if t is not None else torch.zeros((chunk,) + tuple(duals[i].shape), dtype=duals[i].dtype,
-                                                   device=duals[i].device) for t, i in zip(mut, mutated)]
+        mut = [t if t is not None else zeros_tangent(duals[i], chunk) for t, i in zip(mut, mutated)]
         return tuple(prim) + tuple(t for t in touts if t is not None) + tuple(mut)
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
