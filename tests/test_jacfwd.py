@@ -84,3 +84,8 @@ def test_peak_memory_grows_with_chunk_not_input_size():
     # n^2 for an identity basis would be 3.2 GB at n = 20000: the chunked basis is k * n
     small_k = _peak(20000, 8)
     assert small_k < 200 * 2 ** 20, small_k
+
+
+def test_empty_input_gives_empty_jacobian_and_aux():
+    J, aux = torch_fwd.jacfwd(lambda x: (x.sum() * torch.ones(2, dtype=x.dtype), 7), has_aux=True)(torch.zeros(0, dtype=D))
+    assert J.shape == (2, 0) and aux == 7

@@ -9,7 +9,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .capture import CaptureFailed, GuardedCapture, to_aten
-from .dual import run_with_duals
+from .dual import Dual, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .transform import build_jvp_graph
 
@@ -77,7 +77,7 @@ def _check(primals, tangents, chunked):
     return flat_p, flat_t, spec_p, chunk if chunked else 1
 
 
-def _signature(flat_p, flat_t, chunk):
+def _signature(flat_p, chunk):
     return tuple((tuple(p.shape), p.dtype, p.device, p.stride(), p.requires_grad) for p in flat_p) + (chunk,)
 
 
@@ -124,8 +124,9 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
     if path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
-            raw, results = cap.run(primal_args, {}, flat_p, ts, chunk, lambda: _signature(flat_p, ts, chunk))
-            out = _collect(raw, has_aux, lambda o: _graph_output_tangent(o, results, flat_p, ts), chunk)
+            raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk))
+            res, aux = _split_aux(raw, has_aux)
+            out = res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk), aux
             _last_path.value = "graph"
         except CaptureFailed as e:
             if path == "graph":
@@ -169,16 +170,16 @@ def _split_aux(raw, has_aux):
     return raw[0], raw[1]
 
 
-def _collect(raw, has_aux, tangent_of, chunk):
-    """(output, output tangents with zeros where symbolic, aux) from what func returned."""
-    res, aux = _split_aux(raw, has_aux)
+def _collect(res, tangent_for, chunk):
+    """The output tangents (zeros where symbolic) mirroring ``res``; ``tangent_for(i, o)``
+    gives the tangent of output leaf i, or None."""
     flat, spec = pytree.tree_flatten(res)
     touts = []
     for i, o in enumerate(flat):
         if not isinstance(o, torch.Tensor):
             raise TypeError(f"jvp: func must return tensors (or pytrees of them); output leaf {i} is a "
                             f"{type(o).__name__}")
-        t = tangent_of(o)
+        t = tangent_for(i, o)
         if t is None:
             t = zeros_tangent(o, chunk)
         elif tuple(t.shape) != (chunk,) + tuple(o.shape):
@@ -186,19 +187,16 @@ def _collect(raw, has_aux, tangent_of, chunk):
             raise RuntimeError(f"torch_fwd internal error: output leaf {i} has shape {tuple(o.shape)} but its "
                                f"tangent {tuple(t.shape)}; please report this with the function")
         touts.append(t)
-    return res, pytree.tree_unflatten(touts, spec), aux
+    return pytree.tree_unflatten(touts, spec)
 
 
 def _eager(func, flat_p, ts, spec, chunk, has_aux):
     # clone: an in-place op on an input inside func must not write into the caller's tangent
-    duals = [Dual(p, t.clone(), chunk=chunk) for p, t in zip(flat_p, ts)]
-    with dual_mode(chunk):
-        raw = func(*pytree.tree_unflatten(duals, spec))
+    raw, traw = run_with_duals(func, pytree.tree_unflatten(flat_p, spec), {},
+                               pytree.tree_unflatten([t.clone() for t in ts], spec), {}, user_code=True)
     res, aux = _split_aux(raw, has_aux)
-    tangent_by_id = {id(d.primal): d.tangent for d in pytree.tree_leaves(res) if isinstance(d, Dual)}
-    res, _ = unwrap_tree(res)
-    out = _collect(res, False, lambda o: tangent_by_id.get(id(o)), chunk)
-    return out[0], out[1], (unwrap_tree(aux)[0] if aux is not None else None)
+    flat_t = pytree.tree_leaves(traw[0] if has_aux else traw, is_leaf=lambda x: x is None)
+    return res, _collect(res, lambda i, o: flat_t[i], chunk), aux
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,9 +289,8 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None, path="auto"):
             if k is None:
                 itemsize = flat_in[0].element_size()
                 k = pick_chunk_size(n, sum(o.numel() for o in flat_out), itemsize)
-        if columns is None:  # no inputs elements
-            out = func(*args)
-            out = out[0] if has_aux else out
+        if columns is None:  # no input elements: an empty Jacobian, func run once
+            out, aux = _split_aux(func(*args), has_aux)
             flat_out, out_spec = pytree.tree_flatten(out)
             columns = [o.new_empty((o.numel(), 0)) for o in flat_out]
         blocks = []
@@ -345,5 +342,3 @@ def make_jvp_graph(func, *primals, chunk=1):
     gm.recompile()
     return gm
 
-
-from .dual import Dual, dual_mode, unwrap_tree  # noqa: E402

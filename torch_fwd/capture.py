@@ -146,16 +146,14 @@ class GuardedCapture:
     """One per user function: dynamo's guarded cache around our backend."""
 
     def __init__(self, fn):
-        self.fn = fn
         self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
         self.failed_keys: set = set()
 
-    def run(self, args, kwargs, flat_primals, flat_tangents, chunk, key_fn):
-        """Run fn(*args, **kwargs) through dynamo with tangents attached to
-        ``flat_primals``. Returns (output, {id(tensor): tangent}) or raises CaptureFailed."""
+    def run(self, args, flat_primals, flat_tangents, chunk, key_fn):
+        """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
+        (output, {id(tensor): tangent}) or raises CaptureFailed."""
         # the signature is only computed once something has failed for this function
-        key = key_fn() if self.failed_keys else None
-        if key is not None and key in self.failed_keys:
+        if self.failed_keys and key_fn() in self.failed_keys:
             raise CaptureFailed("capture failed before for this signature")
         ch = _channel
         if ch.tangents is not None:
@@ -167,19 +165,18 @@ class GuardedCapture:
         ch.chunk, ch.results, ch.ran = chunk, {}, 0
         try:
             with _DYNAMO_SETTINGS():
-                out = self.compiled(*args, **kwargs)
+                out = self.compiled(*args)
             if ch.ran == 0:
                 # Nothing compiled ran (an empty graph, or dynamo declined): the eager
                 # path decides, so that no output is ever given a tangent by guesswork.
                 raise CaptureFailed("no graph ran")
             return out, ch.results
-        except CaptureFailed:
-            self.failed_keys.add(key if key is not None else key_fn())
-            raise
         except Exception as e:  # noqa: BLE001
             # dynamo could not capture (graph break, data-dependent control flow, a rule
             # missing at trace time, ...): the eager path runs and reports real errors.
-            self.failed_keys.add(key if key is not None else key_fn())
+            self.failed_keys.add(key_fn())
+            if isinstance(e, CaptureFailed):
+                raise
             raise CaptureFailed(f"{type(e).__name__}: {e}") from e
         finally:
             ch.tangents = ch.results = ch.chunk = None

@@ -343,8 +343,10 @@ def _write(func, target, value, tvalue, chunk):
 # decomposition fallback of both paths.
 # ---------------------------------------------------------------------------------------
 
-def run_with_duals(fn, args, kwargs, targs, tkwargs):
-    """Call ``fn`` with Dual-wrapped arguments under a DualMode; return (out, tangent_out)."""
+def run_with_duals(fn, args, kwargs, targs, tkwargs, user_code=False):
+    """Call ``fn`` with Dual-wrapped arguments under a DualMode; return (out, tangent_out),
+    both mirroring fn's output (tangent leaves None where zero). ``user_code``: fn is the
+    user's function (jvp's eager path), which may call torch.matmul (see _PythonMatmul)."""
     chunk = None
     for t in pytree.tree_leaves((targs, tkwargs)):
         if isinstance(t, torch.Tensor):
@@ -368,7 +370,7 @@ def run_with_duals(fn, args, kwargs, targs, tkwargs):
 
     dargs = wrap_tree(tuple(args), tuple(targs))
     dkwargs = wrap_tree(dict(kwargs), dict(tkwargs))
-    with DualMode(chunk):
+    with (dual_mode(chunk) if user_code else DualMode(chunk)):
         out = fn(*dargs, **dkwargs)
     return unwrap_tree(out)
 

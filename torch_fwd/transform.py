@@ -94,20 +94,18 @@ class JVPGraph:
     """A JVP graph: ``gm(*primals, *active_tangents)`` returns
     ``(*outputs, *active_output_tangents, *mutated_input_tangents)``."""
     gm: fx.GraphModule
-    n_inputs: int
     active_inputs: tuple[bool, ...]
-    n_outputs: int
     active_outputs: tuple[bool, ...]
     mutated_inputs: tuple[int, ...]
-    chunk: int
 
     def __call__(self, primals, tangents):
         """primals: all graph inputs; tangents: one per input (None: zero). Returns
         (outputs, output tangents with None for zero, {input index: new tangent})."""
         args = list(primals) + [t for t, a in zip(tangents, self.active_inputs) if a]
         res = self.gm(*args)
-        outs = list(res[:self.n_outputs])
-        it = iter(res[self.n_outputs:])
+        n_outputs = len(self.active_outputs)
+        outs = list(res[:n_outputs])
+        it = iter(res[n_outputs:])
         touts = [next(it) if a else None for a in self.active_outputs]
         mutated = {i: next(it) for i in self.mutated_inputs}
         return outs, touts, mutated
@@ -159,7 +157,6 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
             touts = [t if t is not None or not isinstance(p, torch.Tensor) else zeros_tangent(p, chunk)
                      for t, p in zip(touts, prim)]
         record["active_outputs"] = tuple(t is not None for t in touts)
-        record["n_outputs"] = len(outs)
         for i in mutated:
             if not active_inputs[i] and duals[i].tangent is not None:
                 # a tensor with no tangent of its own (a buffer, a global) received one:
@@ -189,5 +186,4 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
     gm = _cse(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
-    return JVPGraph(gm, len(active_inputs), active_inputs, record["n_outputs"], record["active_outputs"],
-                    tuple(mutated), chunk)
+    return JVPGraph(gm, active_inputs, record["active_outputs"], tuple(mutated))
