@@ -164,15 +164,17 @@ def test_item_based_loop():
     check_frule(f, x, paths=("eager", "auto"))
 
 
-@pytest.mark.parametrize("path", ["eager", "auto"])
-def test_writing_tangent_into_untracked_tensor_fails_loudly(path):
+@pytest.mark.parametrize("path", ["eager", "graph", "auto"])
+@pytest.mark.parametrize("through_view", [False, True])
+def test_writing_tangent_into_untracked_tensor_fails_loudly(path, through_view):
     g = torch.zeros(3, dtype=D)
 
     def f(x):
-        g.copy_(x)
+        (g[:] if through_view else g).copy_(x)
         return g * 2
     with pytest.raises(RuntimeError, match="does not track"):
         torch_fwd.jvp(f, (rand(3),), (rand(3),), path=path)
+    assert torch.equal(g, torch.zeros(3, dtype=D))  # refused before anything was written
 
 
 # ---- guards: a cached graph is never reused where it is not valid ---------------------------

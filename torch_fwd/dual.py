@@ -59,7 +59,7 @@ class Dual(torch.Tensor):
     @property
     def tangent(self) -> torch.Tensor | None:
         t = self._tangent
-        if t is None and self._view_of is not None:
+        if t is None and self._view_of is not None and self._view_of is not _UNTRACKED:
             base, derive = self._view_of
             bt = base.tangent
             if bt is not None:
@@ -72,6 +72,8 @@ class Dual(torch.Tensor):
         t = self.tangent
         if t is not None:
             return t
+        if self._view_of is _UNTRACKED:
+            raise _untracked_write("a view of a tensor")
         if self._view_of is not None:
             base, derive = self._view_of
             t = derive(base.ensure_tangent(chunk))
@@ -178,6 +180,10 @@ def _chunk_of(full, mode):
     return None
 
 
+# The base of a view of a tensor torch_fwd does not track: it can carry no tangent, so a
+# tangent written through the view would be lost (Dual.ensure_tangent refuses it).
+_UNTRACKED = ("untracked",)
+
 # Ops that alias their input but must not carry its tangent.
 _TANGENT_DROPPING_VIEWS = {aten.detach.default}
 
@@ -212,8 +218,9 @@ def dispatch(func, args, kwargs, mode):
         return _mutating(func, full, primals, tangents, mode)
     out, tout = jvp_op(func, primals, tangents)
     view_base = None
-    if _is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], Dual):
-        view_base = full[0]
+    if _is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], torch.Tensor):
+        # a view of a tensor torch_fwd does not track (a global, a buffer) stays untracked
+        view_base = full[0] if isinstance(full[0], Dual) else _UNTRACKED
     return _wrap(func, out, tout, mode, view_base, primals)
 
 
@@ -232,7 +239,9 @@ def _requires_grad(*trees) -> bool:
 def _wrap(func, out, tout, mode, view_base, primals, index=None):
     if isinstance(out, torch.Tensor):
         view_of = None
-        if view_base is not None:
+        if view_base is _UNTRACKED:
+            view_of = _UNTRACKED
+        elif view_base is not None:
             view_of = (view_base, _view_deriver(func, primals, index))
         if tout is None and mode is None and view_of is None:
             return out
@@ -315,8 +324,10 @@ def _return_mutated(func, full, written):
 
 def _write(func, target, value, tvalue, chunk):
     if isinstance(target, Dual):
+        if tvalue is not None and target._view_of is _UNTRACKED:
+            raise _untracked_write("a view of a tensor")
         target.primal.copy_(value)
-        if target._view_of is not None and target.tangent is not None:
+        if target._view_of not in (None, _UNTRACKED) and target.tangent is not None:
             base = target._view_of[0]
             if base.tangent is not None and not shares_storage(target.tangent, base.tangent):
                 raise RuntimeError(
@@ -330,12 +341,16 @@ def _write(func, target, value, tvalue, chunk):
         else:
             target.ensure_tangent(chunk).copy_(tvalue)
         return
+    if tvalue is not None:  # refused before anything is written
+        raise _untracked_write("a tensor")
     target.copy_(value)
-    if tvalue is not None:
-        raise RuntimeError(
-            f"torch_fwd: {func} writes a value that has a tangent into a tensor torch_fwd does not "
-            f"track (a tensor from outside the differentiated function, e.g. a global or a module "
-            f"buffer); its tangent would be lost.\n  at {user_source_line()}")
+
+
+def _untracked_write(what):
+    return RuntimeError(
+        f"torch_fwd: an in-place write puts a value that has a tangent into {what} torch_fwd does not "
+        f"track (from outside the differentiated function, e.g. a global or a module buffer); its "
+        f"tangent would be lost.\n  at {user_source_line()}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -141,11 +141,13 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
         primals, tans = flat[:n], iter(flat[n:])
         duals = []
         for i, (p, a) in enumerate(zip(primals, active_inputs)):
-            if not isinstance(p, torch.Tensor):
+            if not a:
+                # an input without a tangent (a parameter, buffer or global) stays a plain
+                # tensor: as in the eager path, a tangent written into it is refused
                 duals.append(p)
                 continue
-            t = next(tans) if a else None
-            if t is not None and i in mutated:
+            t = next(tans)
+            if i in mutated:
                 t = t.clone()  # never write into the caller's tangent
             duals.append(Dual(p, t, chunk=chunk))
         with DualMode(chunk):
@@ -157,13 +159,7 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
             touts = [t if t is not None or not isinstance(p, torch.Tensor) else zeros_tangent(p, chunk)
                      for t, p in zip(touts, prim)]
         record["active_outputs"] = tuple(t is not None for t in touts)
-        for i in mutated:
-            if not active_inputs[i] and duals[i].tangent is not None:
-                # a tensor with no tangent of its own (a buffer, a global) received one:
-                # nothing would carry it out of the call (the eager path raises the same)
-                raise RuntimeError(f"torch_fwd: an in-place write gives graph input {i}, which has no "
-                                   f"tangent (a buffer or global), a tangent that would be lost")
-        mut = [duals[i].tangent for i in mutated]
+        mut = [duals[i].tangent if isinstance(duals[i], Dual) else None for i in mutated]
         # a mutated input whose new value has no tangent gets an explicit zero
         mut = [t if t is not None else zeros_tangent(duals[i], chunk) for t, i in zip(mut, mutated)]
         return tuple(prim) + tuple(t for t in touts if t is not None) + tuple(mut)
