@@ -85,18 +85,20 @@ def _extreme_rule(op):
             dim, keepdim = [], False
         if x.dim() == 0:
             return y, t[0]
-        dims = list(range(x.dim())) if not dim else [d % x.dim() for d in (dim if isinstance(dim, (list, tuple)) else [dim])]
-        yk = y if keepdim else _keep(y, dims, x.dim())
-        mask = (x == yk).to(x.dtype)
-        count = mask.sum(dim=dims, keepdim=True)
-        tdims = [d + 1 for d in dims]
+        tdims = _dims(dim, x.dim())
+        mask = (x == _keepdims(y, tdims, keepdim)).to(x.dtype)
+        count = mask.sum(dim=[d - 1 for d in tdims], keepdim=True)
         return y, (t[0] * (mask / count)).sum(dim=tdims, keepdim=keepdim)
     return rule
 
 
-def _keep(y, dims, ndim):
-    for d in sorted(dims):
-        y = y.unsqueeze(d)
+def _keepdims(y, tdims, keepdim):
+    """A reduction's result with its reduced dims back as size 1, to broadcast against the
+    input; ``tdims`` are tangent dims as :func:`_dims` gives them."""
+    if keepdim:
+        return y
+    for d in sorted(tdims):
+        y = y.unsqueeze(d - 1)
     return y
 
 
@@ -142,7 +144,7 @@ def _vector_norm(p, t):
     tx = t[0] if dtype is None else t[0].to(dtype)
     xs = x if dtype is None else x.to(dtype)
     dims = _dims(dim, x.dim())
-    yk = y if keepdim or not dims else _keep(y, [d - 1 for d in dims], x.dim())
+    yk = _keepdims(y, dims, keepdim)
     ord_ = float(ord_)
     if ord_ == 0.0:
         return y, None
@@ -208,7 +210,7 @@ def _logsumexp(p, t):
     if t[0] is None:
         return y, None
     dims = _dims(dim, x.dim())
-    yk = y if keepdim or not dims else _keep(y, [d - 1 for d in dims], x.dim())
+    yk = _keepdims(y, dims, keepdim)
     w = torch.exp(x - yk)
     return y, _sum(t[0] * w, dims, keepdim)
 
