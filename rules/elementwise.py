@@ -10,7 +10,7 @@ import math
 import torch
 
 from torch_fwd.combinators import elementwise, linear, unary, zero
-from torch_fwd.registry import library_rule as reg
+from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
 
 from ._cases import case, rand, randn
@@ -96,13 +96,18 @@ for _op, _d in UNARY.items():
     reg(_op, unary(_op, _d))
 
 reg(aten.polygamma.default, elementwise(aten.polygamma.default, None, lambda n, x, y: torch.polygamma(n + 1, x)))
-reg(aten.log_sigmoid_forward.default, lambda p, t: (lambda out: (out, (None if t[0] is None else t[0] * torch.sigmoid(-p[0]), None)))(aten.log_sigmoid_forward.default(p[0])))
+def _log_sigmoid_forward(p, t):
+    out = aten.log_sigmoid_forward.default(p[0])  # (y, buffer)
+    return out, (None if t[0] is None else t[0] * torch.sigmoid(-p[0]), None)
+
+
+reg(aten.log_sigmoid_forward.default, _log_sigmoid_forward)
 
 # ---- zero derivative: piecewise constant or non-floating results ------------------------
 ZERO = [
     aten.sign.default, aten.sgn.default, aten.floor.default, aten.ceil.default, aten.round.default,
     aten.round.decimals, aten.trunc.default, aten.heaviside.default, aten.floor_divide.default,
-    aten.div.Tensor_mode, aten.div.Scalar_mode, aten.signbit.default,
+    aten.signbit.default,
     aten.eq.Tensor, aten.eq.Scalar, aten.ne.Tensor, aten.ne.Scalar, aten.lt.Tensor, aten.lt.Scalar,
     aten.le.Tensor, aten.le.Scalar, aten.gt.Tensor, aten.gt.Scalar, aten.ge.Tensor, aten.ge.Scalar,
     aten.logical_not.default, aten.logical_and.default, aten.logical_or.default, aten.logical_xor.default,
@@ -111,40 +116,40 @@ ZERO = [
 for _op in ZERO:
     reg(_op, zero(_op))
 
-# div with a rounding mode is piecewise constant only when a mode is given.
-def _div_mode(p, t):
-    if p[2] is None:
-        return _div_tensor(p[:2], t[:2])
-    return aten.div.Tensor_mode(*p[:2], rounding_mode=p[2]), None
-
-
-reg(aten.div.Tensor_mode, _div_mode)
-
 # ---- binary -----------------------------------------------------------------------------
-_div_tensor = elementwise(aten.div.Tensor, lambda a, b, y: 1 / b if isinstance(b, torch.Tensor) else 1.0 / b,
-                          lambda a, b, y: -y / b)
+_div_tensor = elementwise(aten.div.Tensor, lambda a, b, y: 1 / b, lambda a, b, y: -y / b)
+_div_scalar = linear(aten.div.Scalar, lambda t, x, s: t / s)
 reg(aten.div.Tensor, _div_tensor)
+reg(aten.div.Scalar, _div_scalar)
+
+
+def _div_mode(op, without_mode):
+    """div with a rounding mode is piecewise constant -- but only when a mode is given."""
+    def rule(p, t):
+        if p[2] is None:
+            return without_mode(p[:2], t[:2])
+        return call_op(op, p), None
+    return rule
+
+
+reg(aten.div.Tensor_mode, _div_mode(aten.div.Tensor_mode, _div_tensor))
+reg(aten.div.Scalar_mode, _div_mode(aten.div.Scalar_mode, _div_scalar))
 reg(aten.mul.Tensor, elementwise(aten.mul.Tensor, lambda a, b, y: b, lambda a, b, y: a))
 reg(aten.mul.Scalar, linear(aten.mul.Scalar, lambda t, x, s: t * s))
-reg(aten.div.Scalar, linear(aten.div.Scalar, lambda t, x, s: t / s))
 reg(aten.neg.default, linear(aten.neg.default, lambda t, x: -t))
 
 
-def _add_like(sign):
-    def make(op):
-        def rule(p, t):
-            y = op(p[0], p[1], alpha=p[2])
-            tb = t[1]
-            if tb is not None:
-                tb = tb * (sign * p[2]) if (sign * p[2]) != 1 else tb
-            out = tadd(t[0], tb)
-            return y, out
-        return rule
-    return make
+def _add_like(op, sign):
+    """add/sub: dy = da + sign * alpha * db."""
+    def rule(p, t):
+        scale = sign * p[2]
+        tb = t[1] if t[1] is None or scale == 1 else t[1] * scale
+        return op(p[0], p[1], alpha=p[2]), tadd(t[0], tb)
+    return rule
 
 
-reg(aten.add.Tensor, _add_like(1)(aten.add.Tensor))
-reg(aten.sub.Tensor, _add_like(-1)(aten.sub.Tensor))
+reg(aten.add.Tensor, _add_like(aten.add.Tensor, 1))
+reg(aten.sub.Tensor, _add_like(aten.sub.Tensor, -1))
 reg(aten.add.Scalar, linear(aten.add.Scalar, lambda t, *a: t, homogeneous=False))
 reg(aten.sub.Scalar, linear(aten.sub.Scalar, lambda t, *a: t, homogeneous=False))
 reg(aten.rsub.Scalar, linear(aten.rsub.Scalar, lambda t, x, s, alpha: -alpha * t, homogeneous=False))
@@ -271,6 +276,8 @@ TEST_CASES = [
         ("where", lambda a, b: torch.where(a > b, a * 2, b)), ("where_one_side", lambda a, b: torch.where(a > 0, a, 0.0)),
         ("fmod", lambda a, b: torch.fmod(a, b.abs() + 0.5)), ("remainder", lambda a, b: torch.remainder(a, b.abs() + 0.5)),
         ("div_floor", lambda a, b: torch.div(a, b.abs() + 1, rounding_mode="floor") + a),
+        ("div_scalar_no_mode", lambda a, b: torch.ops.aten.div.Scalar_mode(a, 3.0, rounding_mode=None) + b),
+        ("div_tensor_no_mode", lambda a, b: torch.ops.aten.div.Tensor_mode(a, b.abs() + 1, rounding_mode=None)),
         ("floor_divide", lambda a, b: torch.floor_divide(a, b.abs() + 1) + b),
         ("heaviside", lambda a, b: torch.heaviside(a, b) * b),
         ("clamp_tensor", lambda a, b: torch.clamp(a, min=b - 0.3, max=b + 0.3)),

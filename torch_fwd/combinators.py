@@ -16,14 +16,7 @@ __all__ = ["unary", "elementwise", "zero", "linear", "linear_vmap", "decompose_w
 
 def unary(op, deriv):
     """y = op(x, *params); dy = deriv(x, y, *params) * dx. ``deriv`` may reuse y (exp: y)."""
-    def rule(p, t):
-        y = call_op(op, p)
-        tx = t[0]
-        if tx is None:
-            return y, None
-        return y, tx * deriv(p[0], y, *p[1:])
-    rule.__name__ = f"unary_rule_{op}"
-    return rule
+    return elementwise(op, lambda x, *rest: deriv(x, rest[-1], *rest[:-1]))
 
 
 def elementwise(op, *derivs):
