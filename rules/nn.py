@@ -117,67 +117,33 @@ def _batch_norm_core(x, w, b, running_mean, running_var, training, eps, out, sav
     return _affine(xhat, txhat, w, b, tw, tb, c_shape[1:]), tmean, trstd
 
 
-def _native_batch_norm(p, t):
-    x, w, b, rm, rv, training, momentum, eps = p
-    out, sm, si = aten.native_batch_norm.default(*p)
-    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, training, eps, out, sm, si, t[0], t[1], t[2])
-    return (out, sm, si), (to, tm, ti)
+def _batch_norm_rule(op, training=None):
+    """Every ATen batch norm: (input, weight, bias[, running_mean, running_var][, training],
+    momentum, eps) -> (out, save_mean, save_invstd, *extras). The op itself computes the
+    primal and updates the running statistics; extras (new statistics, reserve) carry no
+    tangent. ``training``: fixed by the op when it has no such argument (None: train
+    exactly when there are no running statistics)."""
+    names = [a.name for a in op._schema.arguments]
+
+    def rule(p, t):
+        a, ta = dict(zip(names, p)), dict(zip(names, t))
+        outs = call_op(op, p)
+        rm, rv = a.get("running_mean"), a.get("running_var")
+        train = a.get("training", rm is None if training is None else training)
+        to, tm, ti = _batch_norm_core(a["input"], a["weight"], a["bias"], rm, rv, train, a["eps"],
+                                      outs[0], outs[1], outs[2], ta["input"], ta["weight"], ta["bias"])
+        return outs, (to, tm, ti) + (None,) * (len(outs) - 3)
+    return rule
 
 
-def _legit(p, t):
-    x, w, b, rm, rv, training, momentum, eps = p
-    out, sm, si = aten._native_batch_norm_legit.default(*p)
-    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, training, eps, out, sm, si, t[0], t[1], t[2])
-    return (out, sm, si), (to, tm, ti)
-
-
-def _legit_no_stats(p, t):
-    x, w, b, training, momentum, eps = p
-    out, sm, si = aten._native_batch_norm_legit.no_stats(*p)
-    to, tm, ti = _batch_norm_core(x, w, b, None, None, True, eps, out, sm, si, t[0], t[1], t[2])
-    return (out, sm, si), (to, tm, ti)
-
-
-def _legit_no_training(p, t):
-    x, w, b, rm, rv, momentum, eps = p
-    out, sm, si = aten._native_batch_norm_legit_no_training.default(*p)
-    to, _, _ = _batch_norm_core(x, w, b, rm, rv, False, eps, out, sm, si, t[0], t[1], t[2])
-    return (out, sm, si), (to, None, None)
-
-
-def _legit_functional(p, t):
-    x, w, b, rm, rv, training, momentum, eps = p
-    out, sm, si, nrm, nrv = aten._native_batch_norm_legit_functional.default(*p)
-    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, training, eps, out, sm, si, t[0], t[1], t[2])
-    # The new running statistics never carry a tangent (they are buffers, not outputs).
-    return (out, sm, si, nrm, nrv), (to, tm, ti, None, None)
-
-
-def _with_update(p, t):
-    x, w, b, rm, rv, momentum, eps = p
-    out, sm, si, reserve = aten._batch_norm_with_update.default(*p)
-    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, True, eps, out, sm, si, t[0], t[1], t[2])
-    return (out, sm, si, reserve), (to, tm, ti, None)
-
-
-def _with_update_functional(p, t):
-    x, w, b, rm, rv, momentum, eps = p
-    outs = aten._batch_norm_with_update_functional.default(*p)
-    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, True, eps, outs[0], outs[1], outs[2], t[0], t[1], t[2])
-    return outs, (to, tm, ti, None, None, None)
-
-
-def _no_update(p, t):
-    x, w, b, rm, rv, momentum, eps = p
-    out, sm, si, reserve = aten._batch_norm_no_update.default(*p)
-    to, tm, ti = _batch_norm_core(x, w, b, rm, rv, rm is None, eps, out, sm, si, t[0], t[1], t[2])
-    return (out, sm, si, reserve), (to, tm, ti, None)
-
-
-reg(aten.native_batch_norm.default, _native_batch_norm)
-reg(aten._batch_norm_with_update.default, _with_update)
-reg(aten._batch_norm_with_update_functional.default, _with_update_functional)
-reg(aten._batch_norm_no_update.default, _no_update)
+for _op, _training in [(aten.native_batch_norm.default, None), (aten._native_batch_norm_legit.default, None),
+                       (aten._native_batch_norm_legit.no_stats, None),
+                       (aten._native_batch_norm_legit_no_training.default, False),
+                       (aten._native_batch_norm_legit_functional.default, None),
+                       (aten._batch_norm_with_update.default, True),
+                       (aten._batch_norm_with_update_functional.default, True),
+                       (aten._batch_norm_no_update.default, None)]:
+    reg(_op, _batch_norm_rule(_op, _training))
 
 
 def _rrelu_slopes(op):
@@ -198,10 +164,6 @@ def _rrelu_slopes(op):
 
 reg(aten.rrelu_with_noise.default, _rrelu_slopes(aten.rrelu_with_noise.default))
 reg(aten.rrelu_with_noise_functional.default, _rrelu_slopes(aten.rrelu_with_noise_functional.default))
-reg(aten._native_batch_norm_legit.default, _legit)
-reg(aten._native_batch_norm_legit.no_stats, _legit_no_stats)
-reg(aten._native_batch_norm_legit_no_training.default, _legit_no_training)
-reg(aten._native_batch_norm_legit_functional.default, _legit_functional)
 
 
 def _group_norm(p, t):
@@ -424,6 +386,15 @@ TEST_CASES = [
     case("conv_transpose2d", lambda x, w: F.conv_transpose2d(x, w, stride=2), lambda: (randn(1, 2, 3, 3), randn(2, 3, 2, 2))),
     case("dropout_eval", lambda x: F.dropout(x, 0.5, training=False), lambda: (randn(3, 4),)),
     case("rrelu_eval", lambda x: F.rrelu(x, 0.1, 0.3, training=False), lambda: (randn(3, 4),)),
+    # every output, saved statistics included (torch.func.jvp gets those wrong: FD only)
+    case("native_batch_norm_all_outputs", lambda x, w, b: aten.native_batch_norm(
+        x, w, b, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), True, 0.5, 0.6),
+        lambda: (randn(4, 3, 5), randn(3), randn(3)), check_torch_func=False),
+    case("batch_norm_legit_no_stats", lambda x, w, b: aten._native_batch_norm_legit.no_stats(x, w, b, True, 0.1, 1e-5),
+         lambda: (randn(4, 3, 5), randn(3), randn(3)), check_torch_func=False),
+    case("batch_norm_legit_no_training", lambda x, w, b: aten._native_batch_norm_legit_no_training(
+        x, w, b, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype) * 2, 0.1, 1e-5)[0],
+        lambda: (randn(4, 3, 5), randn(3), randn(3))),
     case("batch_norm_with_update", lambda x, w, b: torch.ops.aten._batch_norm_with_update(
         x, w, b, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), 0.1, 1e-5)[0],
         lambda: (randn(4, 3, 5), randn(3), randn(3))),
