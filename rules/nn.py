@@ -305,37 +305,6 @@ reg(aten._scaled_dot_product_cudnn_attention.default,
     _sdpa_rule(aten._scaled_dot_product_cudnn_attention.default, 3, 5, 6, 9))
 
 
-def _encoder_layer_reference(src, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps,
-                             n1_w, n1_b, n2_w, n2_b, ff1_w, ff1_b, ff2_w, ff2_b, mask=None, mask_type=None):
-    """nn.TransformerEncoderLayer's fused inference fast path, in plain ops (its slow path)."""
-    Fn = torch.nn.functional
-    B, L, E = src.shape
-    head = E // num_heads
-    if mask is not None:
-        if mask_type == 1:  # key padding (B, L)
-            mask = mask.reshape(B, 1, 1, L)
-        if mask.dtype == torch.bool:  # nn.MultiheadAttention: True means "do not attend"
-            mask = ~mask
-
-    def attention(x):
-        q, k, v = Fn.linear(x, qkv_w, qkv_b).chunk(3, dim=-1)
-        q, k, v = (y.reshape(B, L, num_heads, head).transpose(1, 2) for y in (q, k, v))
-        o = Fn.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return Fn.linear(o.transpose(1, 2).reshape(B, L, E), proj_w, proj_b)
-
-    def feed_forward(x):
-        h = Fn.linear(x, ff1_w, ff1_b)
-        return Fn.linear(Fn.gelu(h) if use_gelu else Fn.relu(h), ff2_w, ff2_b)
-    if norm_first:
-        x = src + attention(Fn.layer_norm(src, (E,), n1_w, n1_b, eps))
-        return x + feed_forward(Fn.layer_norm(x, (E,), n2_w, n2_b, eps))
-    x = Fn.layer_norm(src + attention(src), (E,), n1_w, n1_b, eps)
-    return Fn.layer_norm(x + feed_forward(x), (E,), n2_w, n2_b, eps)
-
-
-reg(aten._transformer_encoder_layer_fwd.default, decompose_with(_encoder_layer_reference))
-
-
 def _mha_reference(query, key, value, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, mask=None,
                    need_weights=True, average_attn_weights=True, mask_type=None):
     """nn.MultiheadAttention's fused inference fast path, in plain ops."""
@@ -360,6 +329,30 @@ def _mha_reference(query, key, value, embed_dim, num_heads, qkv_w, qkv_b, proj_w
 
 
 reg(aten._native_multi_head_attention.default, decompose_with(_mha_reference))
+
+
+def _encoder_layer_reference(src, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, use_gelu, norm_first, eps,
+                             n1_w, n1_b, n2_w, n2_b, ff1_w, ff1_b, ff2_w, ff2_b, mask=None, mask_type=None):
+    """nn.TransformerEncoderLayer's fused inference fast path, in plain ops (its slow path);
+    its self-attention is the multi-head attention fast path's reference."""
+    Fn = torch.nn.functional
+    E = src.shape[-1]
+
+    def attention(x):
+        return _mha_reference(x, x, x, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, mask,
+                              need_weights=False, mask_type=mask_type)[0]
+
+    def feed_forward(x):
+        h = Fn.linear(x, ff1_w, ff1_b)
+        return Fn.linear(Fn.gelu(h) if use_gelu else Fn.relu(h), ff2_w, ff2_b)
+    if norm_first:
+        x = src + attention(Fn.layer_norm(src, (E,), n1_w, n1_b, eps))
+        return x + feed_forward(Fn.layer_norm(x, (E,), n2_w, n2_b, eps))
+    x = Fn.layer_norm(src + attention(src), (E,), n1_w, n1_b, eps)
+    return Fn.layer_norm(x + feed_forward(x), (E,), n2_w, n2_b, eps)
+
+
+reg(aten._transformer_encoder_layer_fwd.default, decompose_with(_encoder_layer_reference))
 
 
 F = torch.nn.functional
