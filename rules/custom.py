@@ -18,6 +18,7 @@ import re
 
 import torch
 import torch.utils._pytree as pytree
+from torch.autograd.function import _is_setup_context_defined
 
 from torch_fwd.dual import Dual, unwrap_tree
 
@@ -58,9 +59,6 @@ class _JvpCtx:
         self.materialize_grads = value
 
 
-def _uses_setup_context(cls) -> bool:
-    return getattr(cls.setup_context, "__func__", cls.setup_context) is not _Function.setup_context.__func__ \
-        if hasattr(_Function.setup_context, "__func__") else cls.setup_context is not _Function.setup_context
 
 
 def _function_jvp(cls, args, kwargs):
@@ -70,7 +68,7 @@ def _function_jvp(cls, args, kwargs):
     tangents = [x.tangent if isinstance(x, Dual) else None for x in flat]
     p_args, p_kwargs = pytree.tree_unflatten(primals, spec)
     ctx = _JvpCtx(len(p_args))
-    if _uses_setup_context(cls):
+    if _is_setup_context_defined(cls.setup_context):  # PyTorch's own test, as Function.apply uses it
         out = cls.forward(*p_args, **p_kwargs)
         cls.setup_context(ctx, tuple(p_args), out)
     else:
