@@ -7,7 +7,9 @@ graph. A rule therefore never knows which path it serves.
 """
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import threading
 import traceback
 
@@ -30,21 +32,18 @@ class _Hint(threading.local):
 _source_hint = _Hint()
 
 
-def _library_dirs():
-    here = os.path.dirname(os.path.abspath(__file__))
-    rules_dir = os.path.join(os.path.dirname(here), "rules")  # the repository layout (editable install)
-    return (os.path.dirname(torch.__file__) + os.sep, here + os.sep, rules_dir + os.sep, "<frozen")
-
-
-_LIBRARY_PATHS = _library_dirs()
+@functools.lru_cache(maxsize=None)
+def _library_paths():
+    """PyTorch's and torch_fwd's folders (torch_fwd.rules sits elsewhere in an editable
+    install, so it is asked where it is). Read on first use: rules import this module."""
+    from torch_fwd import rules
+    return tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (torch, sys.modules[__package__], rules)) \
+        + ("<frozen",)
 
 
 def is_library_frame(filename: str) -> bool:
-    """Frames of PyTorch and torch_fwd itself (rules included), skipped when naming the
-    user's line."""
-    if "torch_fwd" + os.sep + "rules" in filename:
-        return True
-    return any(s in filename for s in _LIBRARY_PATHS)
+    """Frames of PyTorch and torch_fwd itself, skipped when naming the user's line."""
+    return any(s in filename for s in _library_paths())
 
 
 def user_source_line() -> str:
