@@ -2,7 +2,7 @@
 
 A tangent of a tensor of shape S has shape (K, *S): K directions travel together as a
 leading chunk dimension. A zero tangent is symbolic: ``None``, never a tensor of zeros.
-Integer, boolean and complex-free index outputs always have a zero tangent.
+Integer and boolean outputs (indices, masks, counts) always have a zero tangent.
 
 These helpers are what rules use to stay one line: they are None-aware, and they
 line a tangent up against a primal of higher rank (broadcasting) by inserting the
