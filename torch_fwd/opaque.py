@@ -30,7 +30,8 @@ def make_opaque(fn) -> torch._ops.OpOverload:
     impl.__kwdefaults__ = fn.__kwdefaults__
     impl.__annotations__ = dict(fn.__annotations__)
     impl.__doc__ = fn.__doc__
-    name = f"torch_fwd_user::{fn.__name__}_{next(_counter)}"
+    opname = f"{fn.__name__}_{next(_counter)}"
+    name = f"torch_fwd_user::{opname}"
     try:
         op = torch.library.custom_op(name, impl, mutates_args=())
     except Exception as e:  # noqa: BLE001 - re-raised with what to do
@@ -39,8 +40,8 @@ def make_opaque(fn) -> torch._ops.OpOverload:
             f"torch.library.custom_op, which needs it to take and return tensors with type annotations "
             f"(e.g. def f(x: torch.Tensor, s: float) -> torch.Tensor): {e}") from e
     op.register_fake(impl)
-    overload = getattr(torch.ops.torch_fwd_user, name.split("::")[1]).default
-    slot = f"__torch_fwd_opaque_{name.split('::')[1]}__"
+    overload = getattr(torch.ops.torch_fwd_user, opname).default
+    slot = f"__torch_fwd_opaque_{opname}__"
     fn.__globals__[slot] = op
     fn.__code__ = _trampoline(fn.__code__.co_freevars, slot, fn.__name__)
     fn.__defaults__ = None
