@@ -98,41 +98,63 @@ def _rms_norm(p, t):
 reg(aten._fused_rms_norm.default, _rms_norm)
 
 
-def _batch_norm_core(x, w, b, running_mean, running_var, training, eps, out, save_mean, save_invstd, tx, tw, tb):
+def _batch_norm_core(x, w, b, rm, rv, training, eps, save_mean, save_invstd, tx, tw, tb, trm, trv):
+    """Tangents of (out, save_mean, save_invstd) and, in training, of the batch mean and
+    biased variance (for the running statistics a functional variant returns)."""
     c_shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
     dims = [0] + list(range(2, x.dim()))
-    if training or running_mean is None:
+    tvar = None
+    if training or rm is None:
         mean = save_mean.reshape(c_shape)
         rstd = save_invstd.reshape(c_shape)
         if tx is not None:
             xhat, txhat, tmean, trstd = _normalized_tangent(x, tx, mean, rstd, dims)
             tmean, trstd = tmean.reshape(tmean.shape[0], -1), trstd.reshape(trstd.shape[0], -1)
+            tvar = -2 * trstd / save_invstd ** 3  # var = rstd^-2 - eps
         else:
             xhat, txhat, tmean, trstd = (x - mean) * rstd, None, None, None
     else:
-        rstd = torch.rsqrt(running_var.reshape(c_shape) + eps)
-        xhat = (x - running_mean.reshape(c_shape)) * rstd
+        # eval: the output reads the running statistics, so their tangents flow into it
+        rstd = torch.rsqrt(rv.reshape(c_shape) + eps)
+        xhat = (x - rm.reshape(c_shape)) * rstd
         txhat = None if tx is None else tx * rstd
+        if trm is not None:
+            txhat = tadd(txhat, -align(trm.reshape((trm.shape[0],) + c_shape[1:]), x.dim()) * rstd)
+        if trv is not None:
+            txhat = tadd(txhat, align(trv.reshape((trv.shape[0],) + c_shape[1:]), x.dim()) * (-0.5 * xhat * rstd * rstd))
         tmean = trstd = None
-    return _affine(xhat, txhat, w, b, tw, tb, c_shape[1:]), tmean, trstd
+    return _affine(xhat, txhat, w, b, tw, tb, c_shape[1:]), tmean, trstd, tvar
 
 
 def _batch_norm_rule(op, training=None):
     """Every ATen batch norm: (input, weight, bias[, running_mean, running_var][, training],
     momentum, eps) -> (out, save_mean, save_invstd, *extras). The op itself computes the
-    primal and updates the running statistics; extras (new statistics, reserve) carry no
-    tangent. ``training``: fixed by the op when it has no such argument (None: train
-    exactly when there are no running statistics)."""
+    primal and updates the running statistics in place. A functional variant returns the
+    new statistics, (1 - momentum) * running + momentum * batch statistic (variance
+    unbiased), and they get that tangent; other extras (reserve) have none.
+    ``training``: fixed by the op when it has no such argument (None: train exactly when
+    there are no running statistics)."""
     names = [a.name for a in op._schema.arguments]
+    returns_stats = op._schema.name.endswith("_functional")
 
     def rule(p, t):
         a, ta = dict(zip(names, p)), dict(zip(names, t))
         outs = call_op(op, p)
         rm, rv = a.get("running_mean"), a.get("running_var")
+        trm, trv = ta.get("running_mean"), ta.get("running_var")
         train = a.get("training", rm is None if training is None else training)
-        to, tm, ti = _batch_norm_core(a["input"], a["weight"], a["bias"], rm, rv, train, a["eps"],
-                                      outs[0], outs[1], outs[2], ta["input"], ta["weight"], ta["bias"])
-        return outs, (to, tm, ti) + (None,) * (len(outs) - 3)
+        to, tm, ti, tvar = _batch_norm_core(a["input"], a["weight"], a["bias"], rm, rv, train, a["eps"],
+                                            outs[1], outs[2], ta["input"], ta["weight"], ta["bias"], trm, trv)
+        extras = [None] * (len(outs) - 3)
+        if returns_stats and rm is not None:
+            m = a["momentum"]
+            n = a["input"].numel() // a["input"].shape[1]
+            for i, (tr, tb) in enumerate(((trm, tm), (trv, None if tvar is None else tvar * (n / max(n - 1, 1))))):
+                if train:
+                    extras[i] = tadd(None if tr is None else (1 - m) * tr, None if tb is None else m * tb)
+                else:
+                    extras[i] = tr
+        return outs, (to, tm, ti) + tuple(extras)
     return rule
 
 
@@ -391,6 +413,16 @@ TEST_CASES = [
     case("batch_norm_with_update", lambda x, w, b: torch.ops.aten._batch_norm_with_update(
         x, w, b, torch.zeros(3, dtype=x.dtype), torch.ones(3, dtype=x.dtype), 0.1, 1e-5)[0],
         lambda: (randn(4, 3, 5), randn(3), randn(3))),
+    # eval mode reads the running statistics: their tangents reach the output
+    case("batch_norm_eval_stat_tangents", lambda x, rm, rv, w: F.batch_norm(x, rm, rv, w, training=False),
+         lambda: (randn(4, 3, 2), randn(3), randn(3, positive=True), randn(3)), check_torch_func=False),
+    # functional variants return the new running statistics, which move with the batch
+    case("batch_norm_functional_new_stats", lambda x, rm, rv, w, b: aten._native_batch_norm_legit_functional(
+        x, w, b, rm, rv, True, 0.3, 1e-5), lambda: (randn(4, 3, 5), randn(3), randn(3, positive=True), randn(3), randn(3)),
+        check_torch_func=False),
+    case("batch_norm_functional_eval", lambda x, rm, rv: aten._native_batch_norm_legit_functional(
+        x, None, None, rm, rv, False, 0.3, 1e-5), lambda: (randn(4, 3, 5), randn(3), randn(3, positive=True)),
+        check_torch_func=False),
     case("sdpa", SDPA, lambda: _qkv()),
     case("sdpa_causal_scale", lambda q, k, v: SDPA(q, k, v, is_causal=True, scale=0.3), lambda: _qkv(S=5)),
     case("sdpa_bool_mask", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (torch.rand(5, 6) > 0.3,)),

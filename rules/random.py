@@ -18,6 +18,10 @@ ZERO = [
     aten.new_empty_strided.default, aten.empty_strided.default, aten.detach.default,
     aten._local_scalar_dense.default, aten.nonzero.default, aten.bucketize.Tensor, aten.searchsorted.Tensor,
     aten.histc.default, aten.one_hot.default, aten.zero.default, aten.fill.Scalar,
+    # the functional forms of x.exponential_() and friends: run as the op itself, since a
+    # decomposition would draw different numbers than the caller's x.exponential_()
+    aten.exponential.default, aten.geometric.default, aten.log_normal.default, aten.cauchy.default,
+    aten.uniform.default, aten.random.default, getattr(aten.random, "from"), aten.random.to, aten.normal_functional.default,
 ]
 for _op in ZERO:
     reg(_op, zero(_op))
@@ -40,6 +44,8 @@ reg(aten.normal.Tensor_Tensor, _normal_tt)
 
 TEST_CASES = [
     case("like_factories", lambda x: torch.zeros_like(x) + torch.ones_like(x) * x + x.new_full((3, 4), 2.0) + torch.empty_like(x).fill_(1.0),
+         lambda: (randn(3, 4),)),
+    case("inplace_random_draws_as_the_op", lambda x: x * x.clone().exponential_() + x.clone().normal_() + x.clone().uniform_(),
          lambda: (randn(3, 4),)),
     case("bernoulli_mask", lambda x: x * torch.bernoulli(torch.full_like(x, 1.0)), lambda: (randn(3, 4),)),
     # .item()/.tolist() give Python numbers, which carry no tangent: used for control flow only.

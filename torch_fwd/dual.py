@@ -281,15 +281,16 @@ def functional_overload(func):
     else:
         base = getattr(ns, packet_name[:-1], None) if packet_name.endswith("_") else None
         want = [a.name for a in schema.arguments]
-    if base is None:
-        return None
-    candidates = [func._overloadname] + [o for o in base.overloads() if o != func._overloadname]
-    for name in candidates:
-        op = getattr(base, name, None)
-        if op is None or op._schema.is_mutable:
-            continue
-        if [a.name for a in op._schema.arguments] == want:
-            return op
+    # functionalization's own counterparts (normal_ -> normal_functional) come last
+    bases = [b for b in (base, getattr(ns, packet_name[:-1] + "_functional", None) if not is_out else None) if b]
+    for b in bases:
+        candidates = [func._overloadname] + [o for o in b.overloads() if o != func._overloadname]
+        for name in candidates:
+            op = getattr(b, name, None)
+            if op is None or op._schema.is_mutable:
+                continue
+            if [a.name for a in op._schema.arguments] == want:
+                return op
     return None
 
 

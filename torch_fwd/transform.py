@@ -55,16 +55,23 @@ def _stack_line(n: fx.Node) -> str | None:
 
 
 def mutated_placeholders(gm: fx.GraphModule) -> set[int]:
-    """Indices of placeholders an op writes into (input mutations after functionalization)."""
+    """Indices of placeholders an op writes into (input mutations after functionalization),
+    directly or through a view of them (``alias(x).copy_(...)`` survives functionalization
+    where an op, like native_batch_norm, mutates without declaring it)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index = {n: i for i, n in enumerate(phs)}
+    base = {n: i for i, n in enumerate(phs)}
     out = set()
     for n in gm.graph.nodes:
         if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
             continue
-        for a, arg in zip(n.target._schema.arguments, n.args):
-            if a.alias_info is not None and a.alias_info.is_write and isinstance(arg, fx.Node) and arg in index:
-                out.add(index[arg])
+        schema = n.target._schema
+        for a, arg in zip(schema.arguments, n.args):
+            if a.alias_info is not None and a.alias_info.is_write and isinstance(arg, fx.Node) and arg in base:
+                out.add(base[arg])
+        rets = schema.returns
+        if n.args and isinstance(n.args[0], fx.Node) and n.args[0] in base and len(rets) == 1 and \
+                rets[0].alias_info is not None and not rets[0].alias_info.is_write:
+            base[n] = base[n.args[0]]  # a view of an input: writes into it reach the input
     return out
 
 
