@@ -193,7 +193,7 @@ def _collect(res, tangent_for, chunk):
 def _eager(func, flat_p, ts, spec, chunk, has_aux):
     # clone: an in-place op on an input inside func must not write into the caller's tangent
     raw, traw = run_with_duals(func, pytree.tree_unflatten(flat_p, spec), {},
-                               pytree.tree_unflatten([t.clone() for t in ts], spec), {}, user_code=True)
+                               pytree.tree_unflatten([t.clone() for t in ts], spec), {})
     res, aux = _split_aux(raw, has_aux)
     flat_t = pytree.tree_leaves(traw[0] if has_aux else traw, is_leaf=lambda x: x is None)
     return res, _collect(res, lambda i, o: flat_t[i], chunk), aux

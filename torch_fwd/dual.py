@@ -14,11 +14,9 @@ torch.compile and aot_autograd use for wrapper subclasses.
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import torch.utils._pytree as pytree
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import registry
@@ -128,31 +126,6 @@ class DualMode(TorchDispatchMode):
         return dispatch(func, args, kwargs, self)
 
 
-class _PythonMatmul(TorchFunctionMode):
-    """ATen's C++ matmul squeezes its result in place (squeeze_), which a wrapper tensor
-    cannot follow; PyTorch's Python decomposition of matmul does the same out of place."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in _MATMULS and not kwargs and len(args) == 2:
-            a, b = (args[1], args[0]) if func is torch.Tensor.__rmatmul__ else args
-            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-                from torch._decomp.decompositions import matmul
-                return matmul(a, b)
-        return func(*args, **kwargs)
-
-
-
-_MATMULS = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__}
-
-
-@contextlib.contextmanager
-def dual_mode(chunk: int):
-    """The eager path's modes: DualMode, and the function mode that keeps matmul traceable."""
-    with _PythonMatmul(), DualMode(chunk):
-        yield
-
-
 def _p(a):
     if isinstance(a, Dual):
         return a.primal
@@ -206,12 +179,7 @@ def dispatch(func, args, kwargs, mode):
             f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
             f"capturable (no graph break) so that the graph path runs, which autograd sees.")
     if torch.Tag.inplace_view in func.tags:
-        # (PyTorch returns `self` from an in-place op whatever a handler returns, so a new
-        # Dual cannot stand in for it; the graph pass rewrites these ops before it runs)
-        raise NotImplementedError(
-            f"torch_fwd: {func} changes a tensor's shape in place, which a Dual (a wrapper tensor) "
-            f"cannot do; use the out-of-place op (e.g. x = x.squeeze(0) for x.squeeze_(0)).\n"
-            f"  at {user_source_line()}")
+        return _inplace_view(func, args, kwargs, full, primals)
     if func._schema.is_mutable and registry.lookup(func) is None:
         # (an op with its own rule, e.g. batch norm updating running statistics, mutates
         # inside the rule by calling the op itself)
@@ -222,6 +190,41 @@ def dispatch(func, args, kwargs, mode):
         # a view of a tensor torch_fwd does not track (a global, a buffer) stays untracked
         view_base = full[0] if isinstance(full[0], Dual) else _UNTRACKED
     return _wrap(func, out, tout, mode, view_base, primals)
+
+
+def _inplace_view(func, args, kwargs, full, primals):
+    """squeeze_, transpose_, as_strided_, ...: the primal changes shape in place, the
+    tangent becomes the out-of-place view's tangent (a real view of the old one), and the
+    wrapper's own metadata is changed the way PyTorch's return_and_correct_aliasing does
+    it (the op run on the wrapper against meta kernels, dispatch off)."""
+    self_ = full[0]
+    if not isinstance(self_, Dual):
+        return registry.call_op(func, primals)
+    fop = functional_overload(func)
+    if fop is None:
+        raise NotImplementedError(f"torch_fwd: {func} has no out-of-place twin to take its rule from\n"
+                                  f"  at {user_source_line()}")
+    before = aten.alias.default(self_.primal)  # the old shape, for deriving tangents later
+    rest = tuple(primals[1:])
+    none_rest = (None,) * len(rest)
+
+    def reshaped(t):
+        return jvp_op(fop, (before,) + rest, (t,) + none_rest)[1]
+    t = self_._tangent
+    registry.call_op(func, primals)
+    with torch.utils._mode_utils.no_dispatch():
+        meta = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            func(*args, **(kwargs or {}))
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta)
+    if t is not None:
+        self_._tangent = reshaped(t)
+    if self_._view_of is not None and self_._view_of is not _UNTRACKED:
+        base, derive = self_._view_of
+        self_._view_of = (base, lambda bt, derive=derive: reshaped(derive(bt)))
+    return self_
 
 
 def _requires_grad(*trees) -> bool:
@@ -359,10 +362,9 @@ def _untracked_write(what):
 # decomposition fallback of both paths.
 # ---------------------------------------------------------------------------------------
 
-def run_with_duals(fn, args, kwargs, targs, tkwargs, user_code=False):
+def run_with_duals(fn, args, kwargs, targs, tkwargs):
     """Call ``fn`` with Dual-wrapped arguments under a DualMode; return (out, tangent_out),
-    both mirroring fn's output (tangent leaves None where zero). ``user_code``: fn is the
-    user's function (jvp's eager path), which may call torch.matmul (see _PythonMatmul)."""
+    both mirroring fn's output (tangent leaves None where zero)."""
     chunk = None
     for t in pytree.tree_leaves((targs, tkwargs)):
         if isinstance(t, torch.Tensor):
@@ -386,7 +388,7 @@ def run_with_duals(fn, args, kwargs, targs, tkwargs, user_code=False):
 
     dargs = wrap_tree(tuple(args), tuple(targs))
     dkwargs = wrap_tree(dict(kwargs), dict(tkwargs))
-    with (dual_mode(chunk) if user_code else DualMode(chunk)):
+    with DualMode(chunk):
         out = fn(*dargs, **dkwargs)
     return unwrap_tree(out)
 
