@@ -315,7 +315,7 @@ def check_ours(fn, primals, directions, fd, path, func_tangent):
             except Exception as e:  # noqa: BLE001
                 return Outcome("error", f"zero tangents: {_short(e)}")
             for i, (t, r) in enumerate(zip(pytree.tree_leaves(tz), ref)):
-                if r is not None and torch.count_nonzero(torch.nan_to_num(t[:, torch.isfinite(r)])):
+                if r is not None and torch.count_nonzero(torch.nan_to_num(_wide(t)[:, torch.isfinite(r)])):
                     return Outcome("wrong", f"zero tangents gave a non-zero tangent of output {i}")
     return Outcome("pass")
 

@@ -4,7 +4,7 @@ lives in nn.py)."""
 import torch
 
 from torch_fwd.combinators import zero
-from torch_fwd.registry import library_rule as reg
+from torch_fwd.registry import call_op, library_rule as reg
 
 from ._cases import case, randn
 
@@ -29,7 +29,7 @@ for _op in ZERO:
 
 def _normal_tt(p, t):
     mean, std = p[0], p[1]
-    y = aten.normal.Tensor_Tensor(*p)
+    y = call_op(aten.normal.Tensor_Tensor, p)
     eps = (y - mean) / std
     out = None
     if t[0] is not None:

@@ -212,6 +212,12 @@ def _get(seq, slot):
     return seq[i] if j is None else seq[i][j]
 
 
+def _no_overlap(p):
+    """make_dual lays the tangent out like its primal, impossible for an expanded primal
+    (several elements at one address): such a primal is passed as a compact copy."""
+    return p.contiguous() if torch._debug_has_internal_overlap(p) == 1 else p
+
+
 def _forward_ad(op, primals, tangents):
     """PyTorch's own forward formula for this single op, one chunk direction at a time
     (a fallback: correct, not fast). Returns None when PyTorch has no formula."""
@@ -223,7 +229,7 @@ def _forward_ad(op, primals, tangents):
     try:
         for c in range(k):
             with above_dispatch(), fwAD.dual_level():
-                duals = [fwAD.make_dual(_get(primals, s), _get(tangents, s)[c]) for s in slots]
+                duals = [fwAD.make_dual(_no_overlap(_get(primals, s)), _get(tangents, s)[c]) for s in slots]
                 res = call_op(op, _substitute(primals, slots, duals))
                 flat, spec = pytree.tree_flatten(res)
                 unpacked = [fwAD.unpack_dual(r) if isinstance(r, torch.Tensor) else None for r in flat]
