@@ -246,6 +246,38 @@ def _native_dropout(p, t):
 reg(aten.native_dropout.default, _native_dropout)
 
 
+# ---- losses ------------------------------------------------------------------------------------
+
+def _ctc_loss_rule(op, backward):
+    """CTC: nll[n] depends on log_probs[:, n] only, so one backward call gives every row
+    of the Jacobian. PyTorch's backward is the gradient *through a log_softmax* (it adds
+    exp(log_probs) for t < input_length); that term is taken back out. zero_infinity:
+    an infinite loss reads as 0, with tangent 0. log_alpha is the backward's workspace:
+    its tangent is not computed and comes back NaN, so that any use of it shows."""
+    def rule(p, t):
+        lp, targets, il, tl, blank, zero_inf = p
+        outs = call_op(op, p)
+        if t[0] is None:
+            return outs, None
+        if lp.dim() != 3:
+            raise NotImplementedError(f"torch_fwd: {op} rule expects log_probs of shape (T, N, C)")
+        nll, log_alpha = call_op(op, (lp, targets, il, tl, blank, False))
+        grad = call_op(backward, (torch.ones_like(nll), lp, targets, il, tl, nll, log_alpha, blank, False))
+        lengths = il if isinstance(il, torch.Tensor) else torch.tensor(il, device=lp.device)
+        valid = torch.arange(lp.shape[0], device=lp.device)[:, None] < lengths.to(lp.device)[None, :]
+        grad = grad - lp.exp() * valid[..., None].to(lp.dtype)
+        tn = (t[0] * grad).sum(dim=(1, 3))
+        if zero_inf:
+            tn = torch.where(torch.isinf(nll), torch.zeros_like(tn), tn)
+        return outs, (tn, torch.full((t[0].shape[0],) + tuple(outs[1].shape), float("nan"),
+                                     dtype=lp.dtype, device=lp.device))
+    return rule
+
+
+reg(aten._ctc_loss.default, _ctc_loss_rule(aten._ctc_loss.default, aten._ctc_loss_backward.default))
+reg(aten._ctc_loss.Tensor, _ctc_loss_rule(aten._ctc_loss.Tensor, aten._ctc_loss_backward.Tensor))
+
+
 # ---- attention --------------------------------------------------------------------------------
 def _expand_kv(x, hq):
     """Grouped-query attention: repeat key/value heads (dim -3) to the query's head count."""
@@ -429,6 +461,12 @@ TEST_CASES = [
     case("sdpa_float_mask_tangent", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (randn(5, 6),)),
     case("sdpa_gqa", lambda q, k, v: SDPA(q, k, v, enable_gqa=True), lambda: _qkv(h=4, hk=2), check_torch_func=False),
     case("cross_entropy", lambda x: F.cross_entropy(x, torch.tensor([1, 0, 3])), lambda: (randn(3, 4),)),
+    # unnormalised log_probs too: PyTorch's backward assumes a log_softmax before it
+    case("ctc_loss", lambda lp: F.ctc_loss(lp, torch.tensor([[1, 2, 2], [3, 1, 0]]), [6, 5], [3, 2], reduction="none"),
+         lambda: (randn(6, 2, 4),), check_torch_func=False, graph=False),  # dynamo: data-dependent shapes
+    case("ctc_loss_mean_zero_infinity", lambda lp: F.ctc_loss(lp.log_softmax(-1), torch.tensor([[1, 1, 1, 1], [3, 1, 0, 0]]),
+                                                              torch.tensor([3, 5]), torch.tensor([4, 2]), zero_infinity=True),
+         lambda: (randn(5, 2, 4),), check_torch_func=False, graph=False),
     case("mse_loss", lambda x, y: F.mse_loss(x, y), lambda: (randn(3, 4), randn(3, 4))),
     case("max_pool2d", lambda x: F.max_pool2d(x, 2), lambda: (randn(1, 2, 4, 4),)),
     case("avg_pool2d", lambda x: F.avg_pool2d(x, 2), lambda: (randn(1, 2, 4, 4),)),

@@ -1,10 +1,11 @@
 """Reductions: sum, mean, prod, amax/amin, max/min, norms, var/std, logsumexp, cumsum,
 cumprod, sort/topk values. Dims are primal dims; ``shift_dims`` moves them past the chunk."""
 import torch
+import torch.nn.functional as F
 
 from torch_fwd.combinators import linear, shift_dim, shift_dims, zero
 from torch_fwd.registry import call_op, library_rule as reg
-from torch_fwd.tangent import align
+from torch_fwd.tangent import align, tadd
 
 from ._cases import case, randn
 
@@ -164,6 +165,38 @@ def _vector_norm(p, t):
 reg(aten.linalg_vector_norm.default, _vector_norm)
 
 
+def _pairwise_norm_tangent(diff, tdiff, p_norm):
+    """The tangent of ||diff||_p over the last dim along tdiff: vector_norm's rule."""
+    return _vector_norm((diff, p_norm, [-1], False, None), (tdiff, None, None, None, None))[1]
+
+
+def _cdist(p, t):
+    """cdist(x1, x2, p)[..., i, j] = ||x1[..., i, :] - x2[..., j, :]||_p, by vector_norm's
+    rule on the pairwise differences (PyTorch's own kernel gives the primal)."""
+    x1, x2, p_norm = p[0], p[1], p[2]
+    y = call_op(aten._cdist_forward.default, p)
+    t1, t2 = t[0], t[1]
+    if t1 is None and t2 is None:
+        return y, None
+    diff = x1.unsqueeze(-2) - x2.unsqueeze(-3)
+    td = tadd(None if t1 is None else t1.unsqueeze(-2), None if t2 is None else -t2.unsqueeze(-3))
+    return y, _pairwise_norm_tangent(diff, td.expand((td.shape[0],) + tuple(diff.shape)), p_norm)
+
+
+def _pdist(p, t):
+    """pdist(x, p): ||x[i] - x[j]||_p for i < j, in that order."""
+    x, p_norm = p
+    y = call_op(aten._pdist_forward.default, p)
+    if t[0] is None:
+        return y, None
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], 1, device=x.device)
+    return y, _pairwise_norm_tangent(x[i] - x[j], t[0][:, i] - t[0][:, j], p_norm)
+
+
+reg(aten._cdist_forward.default, _cdist)
+reg(aten._pdist_forward.default, _pdist)
+
+
 def _var_like(op, is_std):
     def rule(p, t):
         x, dim, correction, keepdim = p[0], p[1], p[2], p[3]
@@ -239,6 +272,11 @@ TEST_CASES = [
     case("norm3", lambda x: torch.linalg.vector_norm(x, 3.0, dim=0, keepdim=True), lambda: (randn(3, 4),)),
     case("norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), dim=1), lambda: (randn(3, 4),)),
     case("tensor_norm", lambda x: x.norm(), lambda: (randn(3, 4),)),
+    case("cdist", lambda a, b: torch.cdist(a, b) + torch.cdist(a, b, p=1) + torch.cdist(a, b, p=3.5),
+         lambda: (randn(2, 4, 3), randn(5, 3))),
+    case("cdist_inf_and_one_side", lambda a, b: torch.cdist(a, b, p=float("inf")), lambda: (randn(4, 3), randn(5, 3)),
+         argnums=(0,), check_torch_func=False),
+    case("pdist", lambda x: F.pdist(x) + F.pdist(x, p=1.5), lambda: (randn(5, 3),), check_torch_func=False),
     case("var", lambda x: torch.var(x, dim=1), lambda: (randn(3, 4),)),
     case("std", lambda x: torch.std(x, dim=(0,), correction=0), lambda: (randn(3, 4),)),
     case("var_all", torch.var, lambda: (randn(3, 4),)),
