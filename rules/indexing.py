@@ -3,7 +3,7 @@
 import torch
 
 from torch_fwd.combinators import linear, shift_dim
-from torch_fwd.registry import library_rule as reg
+from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, materialize
 
 from ._cases import case, randn
@@ -115,6 +115,93 @@ reg(aten.masked_fill.Scalar, _masked_fill_scalar)
 reg(aten.masked_fill.Tensor, _masked_fill_tensor)
 reg(aten.embedding.default, linear(aten.embedding.default, lambda t, w, idx, *a: t[:, idx]))
 
+
+
+def _embedding_bag(p, t):
+    """sum/mean bags are linear in the weight and (sum) in per_sample_weights: the op
+    itself applied to each tangent direction; max bags take the tangent of the row that
+    won (empty bags give 0)."""
+    weight, indices, offsets, scale, mode, sparse, psw, last, pad = p
+    outs = call_op(aten._embedding_bag.default, p)
+    tw, tpsw = t[0], t[6]
+    if tw is None and tpsw is None:
+        return outs, None
+    out, _, bag_size, max_indices = outs
+    if mode == 2:
+        rows = max_indices.clamp(min=0)
+        tout = tw[:, rows, torch.arange(weight.shape[1], device=weight.device)]
+        tout = tout * (bag_size > 0).to(tout.dtype)[None, :, None]
+    else:
+        k = (tw if tw is not None else tpsw).shape[0]
+        per_k = []
+        for c in range(k):
+            d = None
+            if tw is not None:
+                d = aten._embedding_bag.default(tw[c], indices, offsets, scale, mode, sparse, psw, last, pad)[0]
+            if tpsw is not None:
+                e = aten._embedding_bag.default(weight, indices, offsets, scale, mode, sparse, tpsw[c], last, pad)[0]
+                d = e if d is None else d + e
+            per_k.append(d)
+        tout = torch.stack(per_k)
+    return outs, (tout, None, None, None)
+
+
+reg(aten._embedding_bag.default, _embedding_bag)
+reg(aten._embedding_bag_forward_only.default, lambda p, t: _embedding_bag(p, t) if t[0] is not None or t[6] is not None
+    else (call_op(aten._embedding_bag_forward_only.default, p), None))
+
+
+def _segment_ids(lengths, n):
+    return torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=n)
+
+
+def _segment_reduce(p, t):
+    """segment_reduce along ``axis`` with 1-D lengths or offsets: sum and mean are linear;
+    max/min take the tangent of the winners (ties share it, as PyTorch's backward does);
+    prod is the product rule, exact with zeros in a segment."""
+    data, reduce, lengths, indices, offsets, axis, unsafe, initial = p
+    y = call_op(aten.segment_reduce.default, p)
+    if t[0] is None:
+        return y, None
+    if lengths is None:
+        lengths = offsets[1:] - offsets[:-1] if offsets is not None and offsets.dim() == 1 else None
+    if lengths is None or lengths.dim() != 1:
+        raise NotImplementedError("torch_fwd: segment_reduce's rule takes 1-D lengths or offsets")
+    axis = axis % data.dim()
+    ta = axis + 1
+    seg = _segment_ids(lengths, data.shape[axis])
+    s = lengths.shape[0]
+
+    def seg_sum(v):  # (K, ..., N, ...) -> (K, ..., S, ...)
+        shape = list(v.shape)
+        shape[ta] = s
+        return v.new_zeros(shape).index_add(ta, seg, v)
+
+    def per_element(v):  # (..., S, ...) -> (..., N, ...), each element its segment's value
+        return v.index_select(axis, seg)
+    tx = t[0]
+    cnt = lengths.to(data.dtype).reshape((s,) + (1,) * (data.dim() - axis - 1))
+    if reduce == "sum":
+        return y, seg_sum(tx)
+    if reduce == "mean":
+        return y, seg_sum(tx) / cnt.clamp(min=1)
+    if reduce in ("max", "min"):
+        win = (data == per_element(y)).to(data.dtype)
+        n_win = seg_sum(win.unsqueeze(0))[0]
+        return y, seg_sum(tx * win) / n_win.clamp(min=1)
+    if reduce == "prod":
+        zero = data == 0
+        nonzero_prod = aten.segment_reduce.default(torch.where(zero, torch.ones_like(data), data), "prod",
+                                                   lengths=lengths, axis=axis, initial=1 if initial is None else initial)
+        zeros_in = seg_sum(zero.to(data.dtype).unsqueeze(0))[0]
+        others = torch.where(zero, per_element(nonzero_prod * (zeros_in == 1)),
+                             per_element(nonzero_prod * (zeros_in == 0)) / torch.where(zero, torch.ones_like(data), data))
+        return y, seg_sum(tx * others)
+    raise NotImplementedError(f"torch_fwd: segment_reduce with reduce={reduce!r}")
+
+
+reg(aten.segment_reduce.default, _segment_reduce)
+
 TEST_CASES = [
     case("index_tensor", lambda x: x[torch.tensor([2, 0, 2])][:, :3] + x[:, torch.tensor([1, 3, 0])].T, lambda: (randn(3, 4),)),
     # boolean masks have data-dependent shapes: not capturable, the eager path runs
@@ -133,6 +220,18 @@ TEST_CASES = [
     case("masked_fill", lambda x: x.masked_fill(x > 0.5, -1.0), lambda: (randn(3, 4),)),
     case("masked_fill_tensor", lambda x, v: x.masked_fill(x > 0, v), lambda: (randn(3, 4), randn())),
     case("embedding", lambda w: torch.nn.functional.embedding(torch.tensor([[1, 0], [2, 1]]), w), lambda: (randn(3, 5),)),
+    case("embedding_bag_sum_weights", lambda w, psw: torch.nn.functional.embedding_bag(
+        torch.tensor([1, 0, 2, 2, 1]), w, torch.tensor([0, 2, 2]), mode="sum", per_sample_weights=psw),
+        lambda: (randn(3, 4), randn(5)), check_torch_func=False),
+    case("embedding_bag_mean_max", lambda w: torch.nn.functional.embedding_bag(torch.tensor([[1, 0, 2], [2, 2, 1]]), w)
+         + torch.nn.functional.embedding_bag(torch.tensor([[1, 0, 2], [2, 0, 1]]), w, mode="max"),
+         lambda: (randn(3, 4),), check_torch_func=False),
+    case("segment_reduce", lambda x: sum(torch.segment_reduce(x, r, lengths=torch.tensor([2, 0, 3, 1]), initial=0.5)
+                                         for r in ("sum", "mean", "max", "min", "prod")),
+         lambda: (randn(6, 3),), check_torch_func=False),
+    case("segment_reduce_prod_zeros_offsets", lambda x: torch.segment_reduce(
+        x * torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0], dtype=x.dtype), "prod", offsets=torch.tensor([0, 3, 5, 6])),
+        lambda: (randn(6),), check_torch_func=False),
 ]
 
 
