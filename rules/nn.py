@@ -278,6 +278,45 @@ reg(aten._ctc_loss.default, _ctc_loss_rule(aten._ctc_loss.default, aten._ctc_los
 reg(aten._ctc_loss.Tensor, _ctc_loss_rule(aten._ctc_loss.Tensor, aten._ctc_loss_backward.Tensor))
 
 
+def _chunked_linear_cross_entropy_rule(op, reduced):
+    """F.linear_cross_entropy's chunked custom ops compute the loss and, for mean/sum, its
+    gradients inside forward; their backward only scales those, so neither PyTorch's
+    forward AD nor the double-vjp identity sees the true derivative (torch.func.jvp
+    returns a wrong tangent). The loss tangent comes from the unchunked math on Duals;
+    the precomputed gradients' tangents (second derivatives) are not computed and come
+    back NaN, so that any use of them shows."""
+    from torch_fwd.dual import run_with_duals
+
+    def rule(p, t):
+        outs = call_op(op, p)
+        if reduced:
+            inp, w, target, b, cls_w, reduction, ignore_index, smoothing = p[:8]
+        else:
+            (inp, w, target, b, cls_w, ignore_index), reduction, smoothing = p[:6], "none", 0.0
+
+        def loss(i, w_, b_, cw):
+            return F.cross_entropy(F.linear(i, w_, b_), target, weight=cw, reduction=reduction,
+                                   ignore_index=ignore_index, label_smoothing=smoothing)
+        _, tl = run_with_duals(loss, (inp, w, b, cls_w), {}, (t[0], t[1], t[3], t[4]), {})
+        if not reduced:
+            return outs, tl
+        k = next(x for x in t if x is not None).shape[0]
+        nan = [torch.full((k,) + tuple(g.shape), float("nan"), dtype=g.dtype, device=g.device) for g in outs[1:]]
+        return outs, (tl, *nan)
+    return rule
+
+
+try:
+    import torch.nn.modules.linear_cross_entropy  # noqa: F401  (defines the torch_nn:: ops)
+    _LCE = torch.ops.torch_nn._linear_cross_entropy_batch_chunked.default
+    _LCE_NONE = torch.ops.torch_nn._linear_cross_entropy_batch_chunked_no_reduction.default
+except (ImportError, AttributeError):  # a PyTorch without the chunked path
+    _LCE = _LCE_NONE = None
+if _LCE is not None:
+    reg(_LCE, _chunked_linear_cross_entropy_rule(_LCE, True))
+    reg(_LCE_NONE, _chunked_linear_cross_entropy_rule(_LCE_NONE, False))
+
+
 # ---- attention --------------------------------------------------------------------------------
 def _expand_kv(x, hq):
     """Grouped-query attention: repeat key/value heads (dim -3) to the query's head count."""
@@ -417,6 +456,11 @@ def _qkv(b=2, h=2, L=5, S=6, e=8, hk=None):
     return randn(b, h, L, e), randn(b, hk or h, S, e), randn(b, hk or h, S, e)
 
 
+def _chunked_lce_options():
+    from torch.nn.modules.linear_cross_entropy_options import LinearCrossEntropyOptions
+    return LinearCrossEntropyOptions(batch_chunk_size=2)
+
+
 TEST_CASES = [
     case("softmax", lambda x: torch.softmax(x, -1), lambda: (randn(3, 4),)),
     case("log_softmax", lambda x: torch.log_softmax(x, 0), lambda: (randn(3, 4),)),
@@ -462,6 +506,10 @@ TEST_CASES = [
     case("sdpa_gqa", lambda q, k, v: SDPA(q, k, v, enable_gqa=True), lambda: _qkv(h=4, hk=2), check_torch_func=False),
     case("cross_entropy", lambda x: F.cross_entropy(x, torch.tensor([1, 0, 3])), lambda: (randn(3, 4),)),
     # unnormalised log_probs too: PyTorch's backward assumes a log_softmax before it
+    case("linear_cross_entropy_chunked", lambda x, w, b: sum(F.linear_cross_entropy(
+        x, w, torch.tensor([1, 0, 3, 2, 2]), linear_bias=b, reduction=r, label_smoothing=0.1 if r != "none" else 0.0,
+        options=_chunked_lce_options()).sum() for r in ("mean", "sum", "none")),
+        lambda: (randn(5, 3), randn(4, 3), randn(4)), check_torch_func=False, graph=False),  # it warns: a graph break
     case("ctc_loss", lambda lp: F.ctc_loss(lp, torch.tensor([[1, 2, 2], [3, 1, 0]]), [6, 5], [3, 2], reduction="none"),
          lambda: (randn(6, 2, 4),), check_torch_func=False, graph=False),  # dynamo: data-dependent shapes
     case("ctc_loss_mean_zero_infinity", lambda lp: F.ctc_loss(lp.log_softmax(-1), torch.tensor([[1, 1, 1, 1], [3, 1, 0, 0]]),

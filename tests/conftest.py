@@ -1,7 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
+
+# the repository root, for `benchmarks` (the OpInfo sweep lives there, shared with the report)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 torch.set_default_dtype(torch.float32)
 

@@ -89,3 +89,21 @@ def test_complex_views_and_construction(path):
     _, t = torch_fwd.jvp(f, (re, im), (tr, ti), path=path)
     _, ref = torch.func.jvp(f, (re, im), (tr, ti))
     torch.testing.assert_close(t, ref)
+
+
+@pytest.mark.parametrize("op,args", [
+    (aten.nll_loss.default, lambda x: (x, torch.tensor([1, 0, 3]), None, 0)),  # reduction="none"
+    (aten.var.default, lambda x: (x, False)),  # unbiased=False
+])
+def test_decomposition_whose_parameters_differ_from_the_schema_is_not_used(op, args):
+    """torch._decomp maps these overloads to torch-level references that read the schema's
+    4th/2nd argument as another parameter (size_average, dim): a silent wrong answer if
+    used. Called below autograd (as inside a custom op's rule), the op reaches the
+    fallback itself, which must take the C++ decomposition instead."""
+    from torch_fwd.engine import jvp_op
+    x, v = rand(3, 4), rand(3, 4)
+    a = args(x)
+    out, t = jvp_op(op, a, (v.unsqueeze(0),) + (None,) * (len(a) - 1))
+    ref_out, ref_t = torch.func.jvp(lambda x: op(*args(x)), (x,), (v,))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(t[0], ref_t)

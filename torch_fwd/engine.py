@@ -8,10 +8,13 @@ graph. A rule therefore never knows which path it serves.
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import threading
 import traceback
+
+import inspect
 
 import torch
 import torch.utils._pytree as pytree
@@ -140,12 +143,31 @@ def _any_complex(primals) -> bool:
 def _decomposition(op):
     from torch._decomp import decomposition_table
     fn = decomposition_table.get(op)
-    if fn is not None:
+    if fn is not None and _takes_schema_arguments(fn, op):
         return fn
     if isinstance(op, OpOverload) and torch._C._dispatch_has_kernel_for_dispatch_key(
             op.name(), "CompositeImplicitAutograd"):
         return op.decompose
     return None
+
+
+def _takes_schema_arguments(fn, op) -> bool:
+    """Whether a decomposition takes the op's arguments the way we pass them (positional
+    ones by position, keyword-only ones by name). Some entries of torch._decomp's table are
+    torch-level references: aten.nll_loss.default maps to a function whose 4th parameter
+    is size_average, not the schema's reduction, so reduction='none' would silently
+    become 'mean'. A positional argument whose name the function also has must sit at the
+    same position, and a keyword-only one must be a parameter of the function."""
+    try:
+        sig = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    params = [p.name for p in sig if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in sig)
+    positional = [a.name for a in op._schema.arguments if not a.kwarg_only]
+    keyword = [a.name for a in op._schema.arguments if a.kwarg_only]
+    return all(params.index(n) == i for i, n in enumerate(positional) if n in params) and \
+        (var_kw or all(n in params for n in keyword))
 
 
 # Ops whose PyTorch forward-AD formula is known to be wrong: never use it for them.
