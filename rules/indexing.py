@@ -151,6 +151,25 @@ reg(aten._embedding_bag_forward_only.default, lambda p, t: _embedding_bag(p, t) 
     else (call_op(aten._embedding_bag_forward_only.default, p), None))
 
 
+def _scatter_with_reduce(p, t):
+    """scatter(..., reduce='add'|'multiply') is scatter_reduce(..., 'sum'|'prod',
+    include_self=True); a scalar value is a src without tangent. The op itself gives the
+    primal, scatter_reduce's rule (or its fallback) the tangent."""
+    from torch_fwd.engine import jvp_op
+    x, dim, index, src, reduce = p
+    y = call_op(aten.scatter.reduce if isinstance(src, torch.Tensor) else aten.scatter.value_reduce, p)
+    if t[0] is None and (len(t) < 4 or t[3] is None):
+        return y, None
+    if not isinstance(src, torch.Tensor):
+        src = torch.full(index.shape, src, dtype=x.dtype, device=x.device)
+    how = {"add": "sum", "multiply": "prod"}[reduce]
+    _, ty = jvp_op(aten.scatter_reduce.two, (x, dim, index, src, how, True), (t[0], None, None, t[3], None, None))
+    return y, ty
+
+
+reg(aten.scatter.reduce, _scatter_with_reduce)
+reg(aten.scatter.value_reduce, _scatter_with_reduce)
+
 def _segment_ids(lengths, n):
     return torch.repeat_interleave(torch.arange(lengths.shape[0], device=lengths.device), lengths, output_size=n)
 
@@ -220,6 +239,13 @@ TEST_CASES = [
     case("masked_fill", lambda x: x.masked_fill(x > 0.5, -1.0), lambda: (randn(3, 4),)),
     case("masked_fill_tensor", lambda x, v: x.masked_fill(x > 0, v), lambda: (randn(3, 4), randn())),
     case("embedding", lambda w: torch.nn.functional.embedding(torch.tensor([[1, 0], [2, 1]]), w), lambda: (randn(3, 5),)),
+    case("scatter_reduce_add", lambda x, s: x.scatter(0, torch.tensor([[1, 0, 2, 1], [1, 1, 0, 2]]), s, reduce="add")
+         + x.scatter(1, torch.tensor([[0, 0], [3, 1], [2, 2]]), 1.5, reduce="add"),
+         lambda: (randn(3, 4), randn(2, 4)), check_torch_func=False),
+    # scatter_reduce's prod fallback reads a value (.item()): the graph path refuses it
+    case("scatter_reduce_multiply", lambda x, s: x.scatter(0, torch.tensor([[1, 0, 2, 1], [1, 1, 0, 2]]), s, reduce="multiply")
+         + x.scatter(1, torch.tensor([[0, 0], [3, 1], [2, 2]]), 1.5, reduce="multiply"),
+         lambda: (randn(3, 4), randn(2, 4)), check_torch_func=False, graph=False),
     case("embedding_bag_sum_weights", lambda w, psw: torch.nn.functional.embedding_bag(
         torch.tensor([1, 0, 2, 2, 1]), w, torch.tensor([0, 2, 2]), mode="sum", per_sample_weights=psw),
         lambda: (randn(3, 4), randn(5)), check_torch_func=False),
