@@ -7,7 +7,7 @@ from torch_fwd.combinators import linear, shift_dim, shift_dims, zero
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
 
-from ._cases import case, randn
+from ._cases import case, rand, randn
 
 aten = torch.ops.aten
 
@@ -197,6 +197,60 @@ reg(aten._cdist_forward.default, _cdist)
 reg(aten._pdist_forward.default, _pdist)
 
 
+def _extreme_tangent(x, tx, value):
+    """The tangent of x's min or max (ties share it, as amin/amax's rules do)."""
+    mask = (x == value).to(x.dtype)
+    return (tx * mask).flatten(1).sum(1) / mask.sum()
+
+
+def _histogram_tangents(x, tx, w, tw, density, hist, edges, t_edges):
+    """Counts do not move with x (zero derivative, the truth between bin edges); weighted
+    counts are linear in the weights; density divides by the total and the bin widths,
+    which move with the edges."""
+    k = (tx if tx is not None else tw if tw is not None else t_edges).shape[0]
+    t_counts = None
+    if tw is not None:
+        t_counts = torch.stack([aten.histogram.bins_tensor(x, edges, weight=tw[c])[0] for c in range(k)])
+    if not density:
+        return t_counts
+    counts = aten.histogram.bins_tensor(x, edges, weight=w)[0]
+    total, width = counts.sum(), edges[1:] - edges[:-1]
+    t_hist = None
+    if t_counts is not None:
+        t_hist = t_counts / (total * width) - hist * (t_counts.sum(1, keepdim=True) / total)
+    if t_edges is not None:
+        t_hist = tadd(t_hist, -hist * (t_edges[:, 1:] - t_edges[:, :-1]) / width)
+    return t_hist
+
+
+def _histogram_bin_ct(p, t):
+    x, bins, range_, w, density = p
+    hist, edges = call_op(aten.histogram.bin_ct, p)
+    tx, tw = t[0], t[3]
+    if tx is None and tw is None:
+        return (hist, edges), None
+    t_edges = None
+    if range_ is None and tx is not None and x.numel():
+        # edges = linspace(min x, max x, bins + 1) (widened by 0.5 each side when min == max)
+        t_lo, t_hi = _extreme_tangent(x, tx, x.min()), _extreme_tangent(x, tx, x.max())
+        s = torch.linspace(0, 1, bins + 1, dtype=x.dtype, device=x.device)
+        t_edges = t_lo[:, None] + (t_hi - t_lo)[:, None] * s
+    return (hist, edges), (_histogram_tangents(x, tx, w, tw, density, hist, edges, t_edges), t_edges)
+
+
+def _histogram_bins_tensor(p, t):
+    x, bins, w, density = p
+    hist, edges = call_op(aten.histogram.bins_tensor, p)
+    tx, tb, tw = t[0], t[1], t[2]
+    if tb is None and tw is None:
+        return (hist, edges), None
+    return (hist, edges), (_histogram_tangents(x, tx, w, tw, density, hist, edges, tb), tb)
+
+
+reg(aten.histogram.bin_ct, _histogram_bin_ct)
+reg(aten.histogram.bins_tensor, _histogram_bins_tensor)
+
+
 def _var_like(op, is_std):
     def rule(p, t):
         x, dim, correction, keepdim = p[0], p[1], p[2], p[3]
@@ -276,6 +330,13 @@ TEST_CASES = [
          lambda: (randn(2, 4, 3), randn(5, 3))),
     case("cdist_inf_and_one_side", lambda a, b: torch.cdist(a, b, p=float("inf")), lambda: (randn(4, 3), randn(5, 3)),
          argnums=(0,), check_torch_func=False),
+    case("histogram_edges_weights_density", lambda x, w: sum(torch.histogram(x, 4, weight=w, density=d)[i].sum() * (i + 2)
+                                                            for d in (False, True) for i in (0, 1)),
+         lambda: (randn(7), rand(7, lo=0.5, hi=2.0)), check_torch_func=False),
+    case("histogram_given_range_and_bins", lambda x, b, w: torch.histogram(x, b, weight=w, density=True).hist
+         + torch.histogram(x, 3, range=(-3.0, 3.0), weight=w).hist,
+         lambda: (randn(7), torch.tensor([-3.0, -0.5, 0.2, 3.0], dtype=torch.float64), rand(7, lo=0.5, hi=2.0)),
+         check_torch_func=False),
     case("pdist", lambda x: F.pdist(x) + F.pdist(x, p=1.5), lambda: (randn(5, 3),), check_torch_func=False),
     case("var", lambda x: torch.var(x, dim=1), lambda: (randn(3, 4),)),
     case("std", lambda x: torch.std(x, dim=(0,), correction=0), lambda: (randn(3, 4),)),
