@@ -200,7 +200,7 @@ reg(aten._pdist_forward.default, _pdist)
 def _extreme_tangent(x, tx, value):
     """The tangent of x's min or max (ties share it, as amin/amax's rules do)."""
     mask = (x == value).to(x.dtype)
-    return (tx * mask).flatten(1).sum(1) / mask.sum()
+    return (tx * mask).reshape(tx.shape[0], -1).sum(1) / mask.sum()
 
 
 def _histogram_tangents(x, tx, w, tw, density, hist, edges, t_edges):

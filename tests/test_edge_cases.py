@@ -137,3 +137,13 @@ def test_no_grad_and_detach_inside_match_torch_func(path):
     x, v = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
     _, t = torch_fwd.jvp(f, (x,), (v,), path=path)
     torch.testing.assert_close(t, torch.func.jvp(f, (x,), (v,))[1])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_histogram_at_a_bin_edge_has_the_one_sided_derivative_zero(path):
+    """A count jumps where x crosses a bin edge: there the rule returns 0, the derivative
+    on either side (finite differences see the jump instead)."""
+    x, v = torch.tensor([-4.5, 0.0, 1.0], dtype=D), torch.randn(3, dtype=D)
+    bins = torch.tensor([-5.0, -1.0, 1.0], dtype=D)  # x[2] sits on the last edge
+    _, t = torch_fwd.jvp(lambda x: torch.histogram(x, bins).hist, (x,), (v,), path=path)
+    assert torch.equal(t, torch.zeros(2, dtype=D))

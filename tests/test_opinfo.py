@@ -42,6 +42,12 @@ def _check(name):
     if reason is not None:
         assert r.ours.status in ("error", "wrong"), (
             f"{name} now passes ({r.ours.status}): remove it from opinfo.EXPECTED_FAILURES")
+        if reason.startswith("kink"):
+            # a non-differentiable sample: still the same tangent as torch.func.jvp where it runs
+            assert r.ours.status == "wrong" and (r.func.status == "error" or "equal to torch.func" in r.ours.detail), \
+                r.ours.detail
+        else:
+            assert r.ours.status == "error", f"{name}: a wrong tangent, not an error: {r.ours.detail}"
         return
     assert r.ours.status in ("pass", "no-graph", "skip"), f"{name}: {r.ours.status}: {r.ours.detail}"
     if r.ours.status == "no-graph":  # the eager path ran it and passed; say why capture was refused
