@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_fwd
+from torch_fwd.testing import check_frule
 
 D = torch.float64
 PATHS = ["eager", "graph"]
@@ -147,3 +148,34 @@ def test_histogram_at_a_bin_edge_has_the_one_sided_derivative_zero(path):
     bins = torch.tensor([-5.0, -1.0, 1.0], dtype=D)  # x[2] sits on the last edge
     _, t = torch_fwd.jvp(lambda x: torch.histogram(x, bins).hist, (x,), (v,), path=path)
     assert torch.equal(t, torch.zeros(2, dtype=D))
+
+
+def _with_out(op, *shape_of_out):
+    def f(*args):
+        buf = torch.empty(*shape_of_out, dtype=args[0].dtype)
+        res = op(*args, out=buf)
+        return res * 2 + buf  # the returned tensor and the buffer are one
+    return f
+
+
+GRAPH_AND_EAGER = ("eager", "graph")
+
+
+@pytest.mark.parametrize("fn,args,paths", [
+    (_with_out(torch.sin, 3, 4), lambda: (torch.randn(3, 4, dtype=D),), GRAPH_AND_EAGER),
+    (_with_out(torch.add, 3, 4), lambda: (torch.randn(3, 4, dtype=D), torch.randn(4, dtype=D)), GRAPH_AND_EAGER),
+    # functionalization cannot rewrite matmul.out (a composite op with an aliased output):
+    # the graph path refuses it and jvp's default path runs it eagerly
+    (_with_out(torch.matmul, 3, 5), lambda: (torch.randn(3, 4, dtype=D), torch.randn(4, 5, dtype=D)), ("eager", "auto")),
+    (_with_out(lambda x, out: torch.sum(x, 1, out=out), 3), lambda: (torch.randn(3, 4, dtype=D),), GRAPH_AND_EAGER),
+    (_with_out(lambda x, out: torch.cumsum(x, 0, out=out), 3, 4), lambda: (torch.randn(3, 4, dtype=D),),
+     GRAPH_AND_EAGER),
+    # solve restrides its out= result (column-major) and resizes its hidden LU/pivots buffers;
+    # dynamo refuses a non-contiguous out=, so jvp's default path runs it eagerly
+    (_with_out(lambda a, b, out: torch.linalg.solve(a, b, out=out), 3, 2),
+     lambda: (torch.randn(3, 3, dtype=D) + 3 * torch.eye(3, dtype=D), torch.randn(3, 2, dtype=D)), ("eager", "auto")),
+])
+def test_out_variants(fn, args, paths):
+    """out= writes the result and its tangent into the buffer (torch.func refuses out=
+    with tangents: finite differences are the oracle)."""
+    check_frule(fn, *args(), paths=paths)

@@ -326,7 +326,30 @@ def _return_mutated(func, full, written):
     return rets[0] if len(rets) == 1 else tuple(rets)
 
 
+def _resize_out(func, target, shape):
+    """out= buffers of the wrong size are resized, as PyTorch's out= kernels do; a Dual's
+    own metadata follows (the same meta-kernel trick as for in-place shape ops) and its
+    tangent starts afresh."""
+    if isinstance(target, Dual):
+        if target._view_of is not None:
+            raise RuntimeError(f"torch_fwd: {func} would resize an out= tensor that is a view\n"
+                               f"  at {user_source_line()}")
+        target.primal.resize_(shape)
+        with torch.utils._mode_utils.no_dispatch():
+            meta = torch._C._meta_in_tls_dispatch_include()
+            torch._C._set_meta_in_tls_dispatch_include(True)
+            try:
+                aten.resize_.default(target, shape)
+            finally:
+                torch._C._set_meta_in_tls_dispatch_include(meta)
+        target._tangent = None
+    else:
+        target.resize_(shape)
+
+
 def _write(func, target, value, tvalue, chunk):
+    if isinstance(value, torch.Tensor) and tuple(target.shape) != tuple(value.shape):
+        _resize_out(func, target, value.shape)
     if isinstance(target, Dual):
         if tvalue is not None and target._view_of is _UNTRACKED:
             raise _untracked_write("a view of a tensor")
