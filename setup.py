@@ -20,7 +20,8 @@ setup(
     # 2.13.0's CPU build is what CI installs first (.ci/run); any later 2.x is accepted.
     install_requires=["torch>=2.13.0"],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3", "numpy"],
-        "bench": ["numpy", "matplotlib"],
+        # expecttest: PyTorch's OpInfo database (tests/test_opinfo.py, benchmarks.coverage) imports it
+        "test": ["pytest>=8", "pytest-xdist>=3", "numpy", "expecttest"],
+        "bench": ["numpy", "matplotlib", "expecttest"],
     },
 )
