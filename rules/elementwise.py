@@ -9,7 +9,8 @@ import math
 
 import torch
 
-from torch_fwd.combinators import elementwise, linear, unary, zero
+from torch_fwd import triton_kernels as tk
+from torch_fwd.combinators import elementwise, linear, unary, with_kernel, zero
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
 
@@ -92,8 +93,39 @@ UNARY = {
     aten.logit.default: lambda x, y, eps=None: (x * (1 - x)).reciprocal() if eps is None
         else torch.where((x < eps) | (x > 1 - eps), torch.zeros_like(x), (x * (1 - x)).reciprocal()),
 }
+# ops with a fused Triton kernel (triton_kernels/elementwise.py): the kernel's name and
+# its two float parameters, from the op's arguments; None: this call has no kernel
+KERNEL_UNARY = {
+    aten.gelu.default: lambda x, approximate="none": ("gelu" if approximate == "none" else "gelu_tanh", 0.0, 0.0),
+    aten.silu.default: lambda x: ("silu", 0.0, 0.0),
+    aten.sigmoid.default: lambda x: ("sigmoid", 0.0, 0.0),
+    aten.tanh.default: lambda x: ("tanh", 0.0, 0.0),
+    aten.softplus.default: lambda x, beta, threshold: ("softplus", float(beta), float(threshold)),
+    aten.elu.default: lambda x, alpha, scale, input_scale: ("elu", float(alpha), 0.0)
+    if scale == 1 and input_scale == 1 else None,
+    aten.exp.default: lambda x: ("exp", 0.0, 0.0),
+    aten.log.default: lambda x: ("log", 0.0, 0.0),
+    aten.sin.default: lambda x: ("sin", 0.0, 0.0),
+    aten.cos.default: lambda x: ("cos", 0.0, 0.0),
+}
+
+
+def _unary_kernel(op):
+    def try_kernel(p, t):
+        x, tx = p[0], t[0]
+        if tx is None or not tk.use_kernels(x, tx):
+            return None
+        from torch_fwd.triton_kernels import elementwise as kernels
+        spec = KERNEL_UNARY[op](*p)
+        if spec is None or not kernels.unary_applies(x, tx):
+            return None
+        return kernels.unary_jvp(x, tx, *spec)
+    return try_kernel
+
+
 for _op, _d in UNARY.items():
-    reg(_op, unary(_op, _d))
+    _rule = unary(_op, _d)
+    reg(_op, with_kernel(_rule, _unary_kernel(_op)) if _op in KERNEL_UNARY else _rule)
 
 reg(aten.polygamma.default, elementwise(aten.polygamma.default, None, lambda n, x, y: torch.polygamma(n + 1, x)))
 def _log_sigmoid_forward(p, t):
@@ -117,7 +149,20 @@ for _op in ZERO:
     reg(_op, zero(_op))
 
 # ---- binary -----------------------------------------------------------------------------
-_div_tensor = elementwise(aten.div.Tensor, lambda a, b, y: 1 / b, lambda a, b, y: -y / b)
+def _binary_kernel(div):
+    def try_kernel(p, t):
+        a, b = p[0], p[1]
+        if not tk.use_kernels(a, b, t[0], t[1]):
+            return None
+        from torch_fwd.triton_kernels import elementwise as kernels
+        if not kernels.binary_applies(a, b, t[0], t[1]):
+            return None
+        return kernels.binary_jvp(a, b, t[0], t[1], div)
+    return try_kernel
+
+
+_div_tensor = with_kernel(elementwise(aten.div.Tensor, lambda a, b, y: 1 / b, lambda a, b, y: -y / b),
+                          _binary_kernel(True))
 _div_scalar = linear(aten.div.Scalar, lambda t, x, s: t / s)
 reg(aten.div.Tensor, _div_tensor)
 reg(aten.div.Scalar, _div_scalar)
@@ -134,7 +179,8 @@ def _div_mode(op, without_mode):
 
 reg(aten.div.Tensor_mode, _div_mode(aten.div.Tensor_mode, _div_tensor))
 reg(aten.div.Scalar_mode, _div_mode(aten.div.Scalar_mode, _div_scalar))
-reg(aten.mul.Tensor, elementwise(aten.mul.Tensor, lambda a, b, y: b, lambda a, b, y: a))
+reg(aten.mul.Tensor, with_kernel(elementwise(aten.mul.Tensor, lambda a, b, y: b, lambda a, b, y: a),
+                                 _binary_kernel(False)))
 reg(aten.mul.Scalar, linear(aten.mul.Scalar, lambda t, x, s: t * s))
 reg(aten.neg.default, linear(aten.neg.default, lambda t, x: -t))
 

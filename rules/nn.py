@@ -8,7 +8,8 @@ import math
 
 import torch
 
-from torch_fwd.combinators import decompose_with, shift_dim
+from torch_fwd import triton_kernels as tk
+from torch_fwd.combinators import decompose_with, shift_dim, with_kernel
 from torch_fwd.engine import above_dispatch
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
@@ -37,8 +38,20 @@ def _log_softmax(p, t):
     return y, tx - (torch.exp(y) * tx).sum(shift_dim(dim, x.dim()), keepdim=True)
 
 
-reg(aten._softmax.default, _softmax)
-reg(aten._log_softmax.default, _log_softmax)
+def _softmax_kernel(log):
+    def try_kernel(p, t):
+        x, dim, half_to_float = p
+        if t[0] is None or half_to_float or not tk.use_kernels(x, t[0]):
+            return None
+        from torch_fwd.triton_kernels import rowwise
+        if not rowwise.softmax_applies(x, t[0], dim):
+            return None
+        return rowwise.softmax_jvp(x, t[0], dim % x.dim(), log)
+    return try_kernel
+
+
+reg(aten._softmax.default, with_kernel(_softmax, _softmax_kernel(False)))
+reg(aten._log_softmax.default, with_kernel(_log_softmax, _softmax_kernel(True)))
 
 
 # ---- normalisation ------------------------------------------------------------------------
@@ -77,7 +90,30 @@ def _layer_norm(p, t):
     return (out, mean, rstd), (_affine(xhat, txhat, w, b, tw, tb, tuple(normalized_shape)), tmean, trstd)
 
 
-reg(aten.native_layer_norm.default, _layer_norm)
+def _stats_like(op, p, stats):
+    """The kernels keep statistics in float32: give them the dtype the op's own would have."""
+    meta = op(*[a.to("meta") if isinstance(a, torch.Tensor) else a for a in p])
+    return tuple(s.to(m.dtype) for s, m in zip(stats, meta[1:]))
+
+
+def _layer_norm_kernel(p, t):
+    x, normalized_shape, w, b, eps = p
+    tx, tw, tb = t[0], t[2], t[3]
+    if not tk.use_kernels(x, w, b, tx, tw, tb):
+        return None
+    from torch_fwd.triton_kernels import rowwise
+    if not rowwise.norm_applies(x, normalized_shape, w, b, tx, tw, tb):
+        return None
+    out, tout, mean, rstd = rowwise.layer_norm_jvp(x, list(normalized_shape), w, b, tx, tw, tb, eps)
+    mean, rstd = _stats_like(aten.native_layer_norm.default, p, (mean, rstd))
+    tmean = trstd = None
+    if tx is not None:  # the saved statistics' tangents, rarely used (dead code in a graph)
+        dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+        _, _, tmean, trstd = _normalized_tangent(x, tx, mean, rstd, dims)
+    return (out, mean, rstd), (tout, tmean, trstd)
+
+
+reg(aten.native_layer_norm.default, with_kernel(_layer_norm, _layer_norm_kernel))
 
 
 def _rms_norm(p, t):
@@ -95,7 +131,24 @@ def _rms_norm(p, t):
     return (out, rstd), (_affine(xhat, txhat, w, None, tw, None, tuple(normalized_shape)), trstd)
 
 
-reg(aten._fused_rms_norm.default, _rms_norm)
+def _rms_norm_kernel(p, t):
+    x, normalized_shape, w, eps = p
+    tx, tw = t[0], t[2]
+    if eps is None or not tk.use_kernels(x, w, tx, tw):
+        return None
+    from torch_fwd.triton_kernels import rowwise
+    if not rowwise.norm_applies(x, normalized_shape, w, tx, tw):
+        return None
+    out, tout, rstd = rowwise.rms_norm_jvp(x, list(normalized_shape), w, tx, tw, eps)
+    (rstd,) = _stats_like(aten._fused_rms_norm.default, p, (rstd,))
+    trstd = None
+    if tx is not None:
+        dims = [d + 1 for d in range(x.dim() - len(normalized_shape), x.dim())]
+        trstd = -rstd * (tx * (x * rstd)).mean(dim=dims, keepdim=True)
+    return (out, rstd), (tout, trstd)
+
+
+reg(aten._fused_rms_norm.default, with_kernel(_rms_norm, _rms_norm_kernel))
 
 
 def _batch_norm_core(x, w, b, rm, rv, training, eps, save_mean, save_invstd, tx, tw, tb, trm, trv):

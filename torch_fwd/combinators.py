@@ -11,7 +11,8 @@ import torch
 from .registry import call_op
 from .tangent import align, tadd
 
-__all__ = ["unary", "elementwise", "zero", "linear", "linear_vmap", "decompose_with", "shift_dim", "shift_dims"]
+__all__ = ["unary", "elementwise", "zero", "linear", "linear_vmap", "decompose_with", "with_kernel", "shift_dim",
+           "shift_dims"]
 
 
 def unary(op, deriv):
@@ -107,3 +108,16 @@ def decompose_with(reference):
         return run_with_duals(reference, p, {}, t, {})
     rule.__name__ = f"decompose_with_{reference.__name__}"
     return rule
+
+
+def with_kernel(rule, try_kernel):
+    """A rule with a fused kernel for the cases it covers: ``try_kernel(primals, tangents)``
+    returns (out, tangent_out), or None where no kernel applies (CPU tensors, float64,
+    shapes it does not handle), and then ``rule`` runs. The kernel computes the same math;
+    ``triton_kernels`` checks it against ``rule``."""
+    def wrapped(p, t):
+        res = try_kernel(p, t)
+        return rule(p, t) if res is None else res
+    wrapped.__name__ = f"{getattr(rule, '__name__', 'rule')}_with_kernel"
+    wrapped.torch_rule = rule
+    return wrapped
