@@ -21,7 +21,8 @@ setup(
     install_requires=["torch>=2.13.0"],
     extras_require={
         # expecttest: PyTorch's OpInfo database (tests/test_opinfo.py, benchmarks.coverage) imports it
-        "test": ["pytest>=8", "pytest-xdist>=3", "numpy", "expecttest"],
+        # triton: the kernels' tests (Triton's interpreter without a GPU)
+        "test": ["pytest>=8", "pytest-xdist>=3", "numpy", "expecttest", "triton"],
         "bench": ["numpy", "matplotlib", "expecttest"],
     },
 )

@@ -4,6 +4,11 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on Triton's interpreter, which is chosen when triton is
+# first imported (tests/test_triton_kernels.py; rules use kernels on CPU only when asked)
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # the repository root, for `benchmarks` (the OpInfo sweep lives there, shared with the report)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
