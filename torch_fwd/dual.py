@@ -192,11 +192,23 @@ def dispatch(func, args, kwargs, mode):
     return _wrap(func, out, tout, mode, view_base, primals)
 
 
+def _on_wrapper_metadata(func, args, kwargs):
+    """Run a metadata-changing op (squeeze_, resize_) on a Dual wrapper itself: dispatch
+    off and meta kernels on, as PyTorch's return_and_correct_aliasing does, so only the
+    wrapper's sizes and strides change."""
+    with torch.utils._mode_utils.no_dispatch():
+        meta = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            func(*args, **kwargs)
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta)
+
+
 def _inplace_view(func, args, kwargs, full, primals):
     """squeeze_, transpose_, as_strided_, ...: the primal changes shape in place, the
     tangent becomes the out-of-place view's tangent (a real view of the old one), and the
-    wrapper's own metadata is changed the way PyTorch's return_and_correct_aliasing does
-    it (the op run on the wrapper against meta kernels, dispatch off)."""
+    wrapper's own metadata follows (_on_wrapper_metadata)."""
     self_ = full[0]
     if not isinstance(self_, Dual):
         return registry.call_op(func, primals)
@@ -212,13 +224,7 @@ def _inplace_view(func, args, kwargs, full, primals):
         return jvp_op(fop, (before,) + rest, (t,) + none_rest)[1]
     t = self_._tangent
     registry.call_op(func, primals)
-    with torch.utils._mode_utils.no_dispatch():
-        meta = torch._C._meta_in_tls_dispatch_include()
-        torch._C._set_meta_in_tls_dispatch_include(True)
-        try:
-            func(*args, **(kwargs or {}))
-        finally:
-            torch._C._set_meta_in_tls_dispatch_include(meta)
+    _on_wrapper_metadata(func, args, kwargs or {})
     if t is not None:
         self_._tangent = reshaped(t)
     if self_._view_of is not None and self_._view_of is not _UNTRACKED:
@@ -328,20 +334,13 @@ def _return_mutated(func, full, written):
 
 def _resize_out(func, target, shape):
     """out= buffers of the wrong size are resized, as PyTorch's out= kernels do; a Dual's
-    own metadata follows (the same meta-kernel trick as for in-place shape ops) and its
-    tangent starts afresh."""
+    own metadata follows (_on_wrapper_metadata) and its tangent starts afresh."""
     if isinstance(target, Dual):
         if target._view_of is not None:
             raise RuntimeError(f"torch_fwd: {func} would resize an out= tensor that is a view\n"
                                f"  at {user_source_line()}")
         target.primal.resize_(shape)
-        with torch.utils._mode_utils.no_dispatch():
-            meta = torch._C._meta_in_tls_dispatch_include()
-            torch._C._set_meta_in_tls_dispatch_include(True)
-            try:
-                aten.resize_.default(target, shape)
-            finally:
-                torch._C._set_meta_in_tls_dispatch_include(meta)
+        _on_wrapper_metadata(aten.resize_.default, (target, shape), {})
         target._tangent = None
     else:
         target.resize_(shape)
