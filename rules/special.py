@@ -9,7 +9,7 @@ denominator made safe so that the unused branch carries no NaN into second deriv
 """
 import torch
 
-from torch_fwd.combinators import elementwise, unary
+from torch_fwd.combinators import elementwise, unary, zero
 from torch_fwd.registry import library_rule as reg
 
 from ._cases import case, rand, randn
@@ -108,6 +108,7 @@ for _name, _d in POLYNOMIAL_DERIVS.items():
     # (x, n) tensors, or a number for one of them: d/dn = 0; a number x has no tangent
     reg(_packet.default, elementwise(_packet.default, lambda x, n, y, _d=_d: _d(x, n), None))
     reg(_packet.n_scalar, elementwise(_packet.n_scalar, lambda x, n, y, _d=_d: _d(x, n), None))
+    reg(_packet.x_scalar, zero(_packet.x_scalar))  # a number x, a degree tensor: piecewise constant
 
 
 # ---- incomplete gamma and Hurwitz zeta -------------------------------------------------------
@@ -211,6 +212,9 @@ TEST_CASES = [
          atol=1e-5, **NO_TORCH_FUNC),
     case("hermite_laguerre_legendre", lambda x: S.hermite_polynomial_h(x, 4) + S.hermite_polynomial_he(x, 5)
          + S.laguerre_polynomial_l(x, 3) + S.legendre_polynomial_p(x, 6), lambda: (randn(3, 4),), **NO_TORCH_FUNC),
+    case("polynomial_number_x", lambda n: S.legendre_polynomial_p(0.3, n) * 1.0,
+         lambda: (torch.tensor([0.5, 1.5, 2.5, 4.5], dtype=torch.float64),),
+         **NO_TORCH_FUNC),
     case("shifted_chebyshev", lambda x: S.shifted_chebyshev_polynomial_t(x, 4) + S.shifted_chebyshev_polynomial_u(x, 3)
          + S.shifted_chebyshev_polynomial_v(x, 5) + S.shifted_chebyshev_polynomial_w(x, 2), lambda: (rand(3, 4),), **NO_TORCH_FUNC),
 ]
