@@ -14,7 +14,6 @@ torch.compile and aot_autograd use for wrapper subclasses.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -161,7 +160,8 @@ _UNTRACKED = ("untracked",)
 _TANGENT_DROPPING_VIEWS = {aten.detach.default}
 
 
-def _is_view(func) -> bool:
+def is_view(func) -> bool:
+    """Whether an op returns a view of its first argument (alias annotation, no write)."""
     rets = func._schema.returns
     return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
 
@@ -186,7 +186,7 @@ def dispatch(func, args, kwargs, mode):
         return _mutating(func, full, primals, tangents, mode)
     out, tout = jvp_op(func, primals, tangents)
     view_base = None
-    if _is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], torch.Tensor):
+    if is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], torch.Tensor):
         # a view of a tensor torch_fwd does not track (a global, a buffer) stays untracked
         view_base = full[0] if isinstance(full[0], Dual) else _UNTRACKED
     return _wrap(func, out, tout, mode, view_base, primals)

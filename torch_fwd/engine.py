@@ -14,8 +14,6 @@ import sys
 import threading
 import traceback
 
-import inspect
-
 import torch
 import torch.utils._pytree as pytree
 from torch._ops import OpOverload

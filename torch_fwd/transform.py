@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from . import engine
-from .dual import Dual, DualMode, functional_overload
+from .dual import Dual, DualMode, is_view, functional_overload
 from .tangent import zeros_tangent
 
 __all__ = ["JVPGraph", "build_jvp_graph"]
@@ -68,9 +68,7 @@ def mutated_placeholders(gm: fx.GraphModule) -> set[int]:
         for a, arg in zip(schema.arguments, n.args):
             if a.alias_info is not None and a.alias_info.is_write and isinstance(arg, fx.Node) and arg in base:
                 out.add(base[arg])
-        rets = schema.returns
-        if n.args and isinstance(n.args[0], fx.Node) and n.args[0] in base and len(rets) == 1 and \
-                rets[0].alias_info is not None and not rets[0].alias_info.is_write:
+        if n.args and isinstance(n.args[0], fx.Node) and n.args[0] in base and is_view(n.target):
             base[n] = base[n.args[0]]  # a view of an input: writes into it reach the input
     return out
 
