@@ -197,12 +197,6 @@ reg(aten._cdist_forward.default, _cdist)
 reg(aten._pdist_forward.default, _pdist)
 
 
-def _extreme_tangent(x, tx, value):
-    """The tangent of x's min or max (ties share it, as amin/amax's rules do)."""
-    mask = (x == value).to(x.dtype)
-    return (tx * mask).reshape(tx.shape[0], -1).sum(1) / mask.sum()
-
-
 def _histogram_tangents(x, tx, w, tw, density, hist, edges, t_edges):
     """Counts do not move with x (zero derivative, the truth between bin edges); weighted
     counts are linear in the weights; density divides by the total and the bin widths,
@@ -232,7 +226,8 @@ def _histogram_bin_ct(p, t):
     t_edges = None
     if range_ is None and tx is not None and x.numel():
         # edges = linspace(min x, max x, bins + 1) (widened by 0.5 each side when min == max)
-        t_lo, t_hi = _extreme_tangent(x, tx, x.min()), _extreme_tangent(x, tx, x.max())
+        # (the full min/max rules: ties share the tangent)
+        t_lo, t_hi = (_extreme_rule(op)((x,), (tx,))[1] for op in (aten.min.default, aten.max.default))
         s = torch.linspace(0, 1, bins + 1, dtype=x.dtype, device=x.device)
         t_edges = t_lo[:, None] + (t_hi - t_lo)[:, None] * s
     return (hist, edges), (_histogram_tangents(x, tx, w, tw, density, hist, edges, t_edges), t_edges)
