@@ -9,7 +9,6 @@ import math
 
 import torch
 
-from torch_fwd import triton_kernels
 from torch_fwd.combinators import elementwise, linear, unary, with_kernel, zero
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
@@ -113,7 +112,7 @@ KERNEL_UNARY = {
 def _unary_kernel(op):
     def try_kernel(p, t):
         x, tx = p[0], t[0]
-        if tx is None or not triton_kernels.use_kernels(x, tx):
+        if tx is None:
             return None
         from torch_fwd.triton_kernels import elementwise as kernels
         spec = KERNEL_UNARY[op](*p)
@@ -152,8 +151,6 @@ for _op in ZERO:
 def _binary_kernel(div):
     def try_kernel(p, t):
         a, b = p[0], p[1]
-        if not triton_kernels.use_kernels(a, b, t[0], t[1]):
-            return None
         from torch_fwd.triton_kernels import elementwise as kernels
         if not kernels.binary_applies(a, b, t[0], t[1]):
             return None

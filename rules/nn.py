@@ -8,7 +8,6 @@ import math
 
 import torch
 
-from torch_fwd import triton_kernels
 from torch_fwd.combinators import decompose_with, shift_dim, with_kernel
 from torch_fwd.engine import above_dispatch
 from torch_fwd.registry import call_op, library_rule as reg
@@ -41,7 +40,7 @@ def _log_softmax(p, t):
 def _softmax_kernel(log):
     def try_kernel(p, t):
         x, dim, half_to_float = p
-        if t[0] is None or half_to_float or not triton_kernels.use_kernels(x, t[0]):
+        if t[0] is None or half_to_float:
             return None
         from torch_fwd.triton_kernels import rowwise
         if not rowwise.softmax_applies(x, t[0], dim):
@@ -99,8 +98,6 @@ def _stats_like(op, p, stats):
 def _layer_norm_kernel(p, t):
     x, normalized_shape, w, b, eps = p
     tx, tw, tb = t[0], t[2], t[3]
-    if not triton_kernels.use_kernels(x, w, b, tx, tw, tb):
-        return None
     from torch_fwd.triton_kernels import rowwise
     if not rowwise.norm_applies(x, normalized_shape, w, b, tx, tw, tb):
         return None
@@ -134,7 +131,7 @@ def _rms_norm(p, t):
 def _rms_norm_kernel(p, t):
     x, normalized_shape, w, eps = p
     tx, tw = t[0], t[2]
-    if eps is None or not triton_kernels.use_kernels(x, w, tx, tw):
+    if eps is None:
         return None
     from torch_fwd.triton_kernels import rowwise
     if not rowwise.norm_applies(x, normalized_shape, w, tx, tw):
@@ -423,35 +420,34 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
 
 
 def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
-    def rule(p, t):
-        q, k, v = p[:3]
+    def args(p, t):
         mask = p[mask_pos] if mask_pos is not None else None
         tmask = t[mask_pos] if mask_pos is not None else None
-        dropout_p, is_causal, scale = p[dropout_pos], p[causal_pos], p[-1]
+        return p[:3], mask, t[:3], tmask, p[dropout_pos], p[causal_pos], p[-1]
+
+    def rule(p, t):
+        (q, k, v), mask, (tq, tk, tv), tmask, dropout_p, is_causal, scale = args(p, t)
         if dropout_p > 0:
             # The fused kernel's dropout mask cannot be reproduced: compute both sides in
             # math with one mask, a valid sample of the same distribution.
-            out, tout = attention_jvp(q, k, v, mask, t[0], t[1], t[2], tmask, scale, is_causal, dropout_p)
+            out, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p)
             primal = list(call_op(op, p))
             primal[0] = out
             return tuple(primal), (tout,) + (None,) * (n_out - 1)
         primal = call_op(op, p)
-        tout = _flash_jvp_kernel(q, k, v, mask, t[0], t[1], t[2], tmask, scale, is_causal)
-        if tout is None:
-            _, tout = attention_jvp(q, k, v, mask, t[0], t[1], t[2], tmask, scale, is_causal)
+        _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal)
         return primal, (tout,) + (None,) * (n_out - 1)
-    return rule
 
-
-def _flash_jvp_kernel(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal):
-    """The tangent from the Triton flash-attention JVP where it applies (CUDA, or the CPU
-    interpreter switch), else None: attention_jvp's math then, with the L x S scores."""
-    if not triton_kernels.use_kernels(q, k, v, mask, tq, tk, tv):
-        return None
-    from torch_fwd.triton_kernels import attention
-    if not attention.applies(q, k, v, mask, tq, tk, tv, tmask, 0.0):
-        return None
-    return attention.flash_attention_jvp(q, k, v, tq, tk, tv, mask, attention.default_scale(q, scale), is_causal)[1]
+    def flash_kernel(p, t):
+        """The tangent from the Triton flash-attention JVP (no L x S scores), the primal
+        from the op itself."""
+        from torch_fwd.triton_kernels import attention
+        (q, k, v), mask, (tq, tk, tv), tmask, dropout_p, is_causal, scale = args(p, t)
+        if not attention.applies(q, k, v, mask, tq, tk, tv, tmask, dropout_p):
+            return None
+        _, tout = attention.flash_attention_jvp(q, k, v, tq, tk, tv, mask, attention.default_scale(q, scale), is_causal)
+        return call_op(op, p), (tout,) + (None,) * (n_out - 1)
+    return with_kernel(rule, flash_kernel)
 
 
 reg(aten._scaled_dot_product_flash_attention_for_cpu.default,

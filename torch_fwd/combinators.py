@@ -7,6 +7,7 @@ Each returns a rule ``rule(primals, tangents) -> (out, tangent_out)`` in the int
 from __future__ import annotations
 
 import torch
+import torch.utils._pytree as pytree
 
 from .registry import call_op
 from .tangent import align, tadd
@@ -111,13 +112,15 @@ def decompose_with(reference):
 
 
 def with_kernel(rule, try_kernel):
-    """A rule with a fused kernel for the cases it covers: ``try_kernel(primals, tangents)``
-    returns (out, tangent_out), or None where no kernel applies (CPU tensors, float64,
-    shapes it does not handle), and then ``rule`` runs. The kernel computes the same math;
-    ``triton_kernels`` checks it against ``rule``."""
+    """A rule with a fused kernel for the cases it covers. Where kernels are in use for
+    the op's tensors (``triton_kernels.use_kernels``: CUDA, or the CPU interpreter switch),
+    ``try_kernel(primals, tangents)`` returns (out, tangent_out), or None for a case the
+    kernel does not cover (float64, long rows, dropout); ``rule`` runs otherwise. The
+    kernels are tested against ``rule``."""
     def wrapped(p, t):
-        res = try_kernel(p, t)
+        from torch_fwd import triton_kernels
+        tensors = [x for x in pytree.tree_leaves((p, t)) if isinstance(x, torch.Tensor)]
+        res = try_kernel(p, t) if triton_kernels.use_kernels(*tensors) else None
         return rule(p, t) if res is None else res
     wrapped.__name__ = f"{getattr(rule, '__name__', 'rule')}_with_kernel"
-    wrapped.torch_rule = rule
     return wrapped

@@ -24,7 +24,7 @@ import threading
 
 import torch
 
-__all__ = ["available", "use_kernels", "kernels_on_cpu", "disabled"]
+__all__ = ["available", "use_kernels", "kernels_on_cpu", "disabled", "reference", "register_cpu"]
 
 _state = threading.local()
 
@@ -58,3 +58,22 @@ def use_kernels(*tensors) -> bool:
     if all(t.is_cuda for t in ts):
         return True
     return kernels_on_cpu() and all(t.device.type == "cpu" for t in ts)
+
+
+def reference(op, primals, tangents):
+    """The rule table's own (out, tangent) for ``op``, kernels switched off: the reference
+    every kernel is checked against and the CPU implementation of its custom op."""
+    from torch_fwd.engine import jvp_op
+    with disabled():
+        return jvp_op(op, primals, tangents)
+
+
+def register_cpu(op, launch, reference_fn):
+    """The CPU implementation of a kernel's custom op: the Triton kernel under the
+    interpreter switch, else ``reference_fn`` (outputs made contiguous, as the kernels'
+    are). Both take the op's own arguments."""
+    @op.register_kernel("cpu")
+    def _(*args):
+        if kernels_on_cpu():
+            return launch(*args)
+        return tuple(o.contiguous() for o in reference_fn(*args))

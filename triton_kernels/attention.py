@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import available
+from . import available, register_cpu
 from .elementwise import DTYPES
 
 MAX_HEAD_DIM = 256
@@ -166,13 +166,7 @@ def reference(q, k, v, tq, tk, tv, mask, scale, is_causal):
     return attention_jvp(q, k, v, mask, tq, tk, tv, None, scale, is_causal)
 
 
-@flash_attention_jvp.register_kernel("cpu")
-def _(q, k, v, tq, tk, tv, mask, scale, is_causal):
-    from . import kernels_on_cpu
-    if kernels_on_cpu():
-        return _launch(q, k, v, tq, tk, tv, mask, scale, is_causal)
-    o, to = reference(q, k, v, tq, tk, tv, mask, scale, is_causal)
-    return o.contiguous(), to.contiguous()
+register_cpu(flash_attention_jvp, _launch, reference)
 
 
 def default_scale(q, scale):

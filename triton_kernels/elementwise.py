@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import available
+from . import available, reference, register_cpu
 
 UNARY = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "sigmoid": 3, "tanh": 4, "softplus": 5, "elu": 6, "exp": 7,
          "log": 8, "sin": 9, "cos": 10}
@@ -192,7 +192,7 @@ def _(a, b, ta, tb, div):
     return a.new_empty(shape), a.new_empty((k,) + shape)
 
 
-# ---- CPU: the reference (the rule table's PyTorch math), or the kernel under the interpreter
+# ---- CPU: the reference (the rule table's PyTorch math), or the kernel under the interpreter switch
 
 _aten = torch.ops.aten
 _REFERENCE_CALLS = {
@@ -210,36 +210,15 @@ _REFERENCE_CALLS = {
 }
 
 
-def _reference(op, primals, tangents):
-    from torch_fwd.engine import jvp_op
-
-    from . import disabled
-    with disabled():
-        return jvp_op(op, primals, tangents)
-
-
 def unary_reference(x, t, op, p0, p1):
     aten_op, args = _REFERENCE_CALLS[op](x, p0, p1)
-    return _reference(aten_op, args, (t,) + (None,) * (len(args) - 1))
+    return reference(aten_op, args, (t,) + (None,) * (len(args) - 1))
 
 
 def binary_reference(a, b, ta, tb, div):
-    return _reference(_aten.div.Tensor if div else _aten.mul.Tensor, (a, b), (ta, tb))
+    y, ty = reference(_aten.div.Tensor if div else _aten.mul.Tensor, (a, b), (ta, tb))
+    return y, ty.expand((ty.shape[0],) + tuple(y.shape))
 
 
-@unary_jvp.register_kernel("cpu")
-def _(x, t, op, p0, p1):
-    from . import kernels_on_cpu
-    if kernels_on_cpu():
-        return _unary_launch(x, t, op, p0, p1)
-    y, ty = unary_reference(x, t, op, p0, p1)
-    return y.contiguous(), ty.contiguous()
-
-
-@binary_jvp.register_kernel("cpu")
-def _(a, b, ta, tb, div):
-    from . import kernels_on_cpu
-    if kernels_on_cpu():
-        return _binary_launch(a, b, ta, tb, div)
-    y, ty = binary_reference(a, b, ta, tb, div)
-    return y.contiguous(), ty.expand((ty.shape[0],) + tuple(y.shape)).contiguous()
+register_cpu(unary_jvp, _unary_launch, unary_reference)
+register_cpu(binary_jvp, _binary_launch, binary_reference)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from . import available
-from .elementwise import DTYPES, _reference
+from . import available, reference, register_cpu
+from .elementwise import DTYPES
 
 MAX_ROW = 1 << 14
 
@@ -120,16 +120,10 @@ def _(x, t, dim, log):
 
 def softmax_reference(x, t, dim, log):
     op = torch.ops.aten._log_softmax.default if log else torch.ops.aten._softmax.default
-    return _reference(op, (x, dim, False), (t, None, None))
+    return reference(op, (x, dim, False), (t, None, None))
 
 
-@softmax_jvp.register_kernel("cpu")
-def _(x, t, dim, log):
-    from . import kernels_on_cpu
-    if kernels_on_cpu():
-        return _softmax_launch(x, t, dim, log)
-    y, ty = softmax_reference(x, t, dim, log)
-    return y.contiguous(), ty.contiguous()
+register_cpu(softmax_jvp, _softmax_launch, softmax_reference)
 
 
 def norm_applies(x, normalized_shape, *tensors) -> bool:
@@ -197,30 +191,18 @@ def _(x, normalized_shape, w, tx, tw, eps):
 
 
 def layer_norm_reference(x, normalized_shape, w, b, tx, tw, tb, eps):
-    (y, mean, rstd), (ty, _, _) = _reference(torch.ops.aten.native_layer_norm.default,
+    (y, mean, rstd), (ty, _, _) = reference(torch.ops.aten.native_layer_norm.default,
                                              (x, normalized_shape, w, b, eps), (tx, None, tw, tb, None))
     return y, ty, mean, rstd
 
 
 def rms_norm_reference(x, normalized_shape, w, tx, tw, eps):
-    (y, rstd), (ty, _) = _reference(torch.ops.aten._fused_rms_norm.default, (x, normalized_shape, w, eps),
+    (y, rstd), (ty, _) = reference(torch.ops.aten._fused_rms_norm.default, (x, normalized_shape, w, eps),
                                     (tx, None, tw, None))
     return y, ty, rstd
 
 
-@layer_norm_jvp.register_kernel("cpu")
-def _(x, normalized_shape, w, b, tx, tw, tb, eps):
-    from . import kernels_on_cpu
-    if kernels_on_cpu():
-        return _norm_launch(x, normalized_shape, w, b, tx, tw, tb, eps, False)
-    y, ty, mean, rstd = layer_norm_reference(x, normalized_shape, w, b, tx, tw, tb, eps)
-    return y.contiguous(), ty.contiguous(), mean.contiguous(), rstd.contiguous()
-
-
-@rms_norm_jvp.register_kernel("cpu")
-def _(x, normalized_shape, w, tx, tw, eps):
-    from . import kernels_on_cpu
-    if kernels_on_cpu():
-        return _norm_launch(x, normalized_shape, w, None, tx, tw, None, eps, True)
-    y, ty, rstd = rms_norm_reference(x, normalized_shape, w, tx, tw, eps)
-    return y.contiguous(), ty.contiguous(), rstd.contiguous()
+register_cpu(layer_norm_jvp, lambda x, ns, w, b, tx, tw, tb, eps: _norm_launch(x, ns, w, b, tx, tw, tb, eps, False),
+             layer_norm_reference)
+register_cpu(rms_norm_jvp, lambda x, ns, w, tx, tw, eps: _norm_launch(x, ns, w, None, tx, tw, None, eps, True),
+             rms_norm_reference)
