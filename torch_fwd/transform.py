@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from . import engine
-from .dual import Dual, DualMode, is_view, functional_overload
+from .dual import Dual, DualMode, is_view
 from .tangent import zeros_tangent
 
 __all__ = ["JVPGraph", "build_jvp_graph"]
@@ -73,27 +73,6 @@ def mutated_placeholders(gm: fx.GraphModule) -> set[int]:
     return out
 
 
-def _out_of_place_shape_ops(gm: fx.GraphModule) -> fx.GraphModule:
-    """squeeze_ -> squeeze, transpose_ -> transpose, ...: functionalization keeps in-place
-    *shape* ops, which a wrapper tensor cannot perform. make_fx already points every later
-    use of the tensor at the in-place node, so its out-of-place twin is exact -- except on a
-    graph input, whose caller would see the change: refused (the eager path reports it)."""
-    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
-    changed = False
-    for n in gm.graph.nodes:
-        t = n.target
-        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and torch.Tag.inplace_view in t.tags:
-            if n.args and n.args[0] in placeholders:
-                raise NotImplementedError(f"torch_fwd: {t} changes the shape of an input in place")
-            n.target = functional_overload(t)
-            if n.target is None:
-                raise NotImplementedError(f"torch_fwd: no out-of-place twin for {t}")
-            changed = True
-    if changed:
-        gm = fx.GraphModule(gm, gm.graph)
-    return gm
-
-
 @dataclasses.dataclass
 class JVPGraph:
     """A JVP graph: ``gm(*primals, *active_tangents)`` returns
@@ -137,7 +116,6 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     active_inputs = tuple(bool(a) for a in active_inputs)
-    aten_gm = _out_of_place_shape_ops(aten_gm)
     mutated = sorted(mutated_placeholders(aten_gm))
     record: dict = {}
 
