@@ -103,52 +103,18 @@ def entries():
     return out
 
 
+_PREFIX_FAMILIES = (("nn.functional.", "nn.functional"), ("linalg.", "linalg"), ("special.", "special"),
+                    ("fft.", "fft"), ("_refs.", "refs"), ("masked.", "masked"), ("sparse.", "sparse"))
+_CLASS_FAMILIES = {"UnaryUfuncInfo": "unary elementwise", "BinaryUfuncInfo": "binary elementwise",
+                   "ReductionOpInfo": "reductions", "ShapeFuncInfo": "shape and view"}
+
+
 def family(op) -> str:
-    """A coarse op family for the report, from where PyTorch keeps the op."""
-    name = op.name
-    for prefix, fam in (("nn.functional.", "nn.functional"), ("linalg.", "linalg"), ("special.", "special"),
-                        ("fft.", "fft"), ("_refs.", "refs"), ("masked.", "masked"), ("sparse.", "sparse")):
-        if name.startswith(prefix):
+    """A coarse op family for the report: the namespace, else the kind of OpInfo entry."""
+    for prefix, fam in _PREFIX_FAMILIES:
+        if op.name.startswith(prefix):
             return fam
-    if op in _unary_ufuncs():
-        return "unary elementwise"
-    if op in _binary_ufuncs():
-        return "binary elementwise"
-    if op in _reductions():
-        return "reductions"
-    if op in _shape_funcs():
-        return "shape and view"
-    return "other"
-
-
-@functools.lru_cache(maxsize=None)
-def _lists():
-    from torch.testing._internal import common_methods_invocations as cmi
-    return cmi
-
-
-def _unary_ufuncs():
-    return _IdSet(_lists().unary_ufuncs)
-
-
-def _binary_ufuncs():
-    return _IdSet(_lists().binary_ufuncs)
-
-
-def _reductions():
-    return _IdSet(_lists().reduction_ops)
-
-
-def _shape_funcs():
-    return _IdSet(_lists().shape_funcs)
-
-
-class _IdSet:
-    def __init__(self, items):
-        self._ids = {id(o) for o in items}
-
-    def __contains__(self, o):
-        return id(o) in self._ids
+    return _CLASS_FAMILIES.get(type(op).__name__, "other")
 
 
 # ---------------------------------------------------------------------------------------
