@@ -29,29 +29,24 @@ from . import opinfo
 
 def _work(args):
     name, paths = args
-    t0 = time.perf_counter()
     try:
-        res = dataclasses.asdict(opinfo.check_entry(name, paths=paths))
+        return dataclasses.asdict(opinfo.check_entry(name, paths=paths))
     except Exception as e:  # noqa: BLE001 - one broken entry must not end the sweep
         bad = dict(status="error", detail=f"sweep crashed: {opinfo._short(e)}")
-        res = dict(name=name, family="other", samples=0, ours=bad, eager=bad, graph=bad, func=bad)
-    return res, time.perf_counter() - t0
+        return dict(name=name, family="other", samples=0, ours=bad, eager=bad, graph=bad, func=bad)
 
 
 def sweep(names, paths, jobs, progress=True):
-    results = {}
-    todo = [(n, paths) for n in names]
-    done = 0
+    results = []
     # spawn: dynamo and fork do not mix; fresh workers now and then bound dynamo's memory
     with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=50) as pool:
-        for res, _ in pool.imap(_work, todo, chunksize=1):
-            results[res["name"]] = res
-            done += 1
+        for res in pool.imap(_work, [(n, paths) for n in names], chunksize=1):  # in order
+            results.append(res)
             if progress:
-                print(f"\r[{done}/{len(todo)}] {res['name'][:50]:50s}", end="", file=sys.stderr, flush=True)
+                print(f"\r[{len(results)}/{len(names)}] {res['name'][:50]:50s}", end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
-    return [results[n] for n in names]
+    return results
 
 
 def _passes(outcome):
