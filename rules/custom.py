@@ -63,9 +63,12 @@ class _JvpCtx:
 
 def _function_jvp(cls, args, kwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
-    chunk = next(x._chunk for x in flat if isinstance(x, Dual) and x._chunk is not None)
-    primals = [x.primal if isinstance(x, Dual) else x for x in flat]
-    tangents = [x.tangent if isinstance(x, Dual) else None for x in flat]
+    # the innermost level acts; Duals of enclosing levels are its constants
+    level = max(x._level for x in flat if isinstance(x, Dual))
+    mine = [isinstance(x, Dual) and x._level == level for x in flat]
+    chunk = next(x._chunk for x, m in zip(flat, mine) if m and x._chunk is not None)
+    primals = [x.primal if m else x for x, m in zip(flat, mine)]
+    tangents = [x.tangent if m else None for x, m in zip(flat, mine)]
     p_args, p_kwargs = pytree.tree_unflatten(primals, spec)
     ctx = _JvpCtx(len(p_args))
     if _is_setup_context_defined(cls.setup_context):  # PyTorch's own test, as Function.apply uses it
@@ -73,20 +76,23 @@ def _function_jvp(cls, args, kwargs):
         cls.setup_context(ctx, tuple(p_args), out)
     else:
         out = cls.forward(ctx, *p_args, **p_kwargs)
-    out, _ = unwrap_tree(out)
+    out, _ = unwrap_tree(out, level)
     t_args = pytree.tree_unflatten(tangents, spec)[0]
     per_k = []
     for c in range(chunk):
         tc = [None if not isinstance(p, torch.Tensor) else
               (t[c] if t is not None else torch.zeros_like(p)) for p, t in zip(p_args, t_args)]
-        tout = cls.jvp(ctx, *tc)
+        # forward and jvp ran with this level's mode active: what they made are this
+        # level's Duals without tangents; their primals are the values
+        tout, _ = unwrap_tree(cls.jvp(ctx, *tc), level)
         per_k.append(pytree.tree_leaves(tout, is_leaf=lambda x: x is None))
     flat_out, ospec = pytree.tree_flatten(out)
     wrapped = []
     for i, o in enumerate(flat_out):
         ts = [row[i] if i < len(row) else None for row in per_k]
         if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex()) and all(t is not None for t in ts):
-            wrapped.append(Dual(o, torch.stack([t.to(o.dtype).expand(o.shape) for t in ts]), chunk=chunk))
+            stacked, _ = unwrap_tree(torch.stack([t.to(o.dtype).expand(o.shape) for t in ts]), level)
+            wrapped.append(Dual(o, stacked, chunk=chunk, level=level))
         else:
             wrapped.append(o)
     return pytree.tree_unflatten(wrapped, ospec)

@@ -6,6 +6,7 @@ inactive operand's (zero) tangent is never formed: that is the activity analysis
 """
 import torch
 
+from torch_fwd.engine import for_autograd, jvp_op, without_rule
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import tadd
 
@@ -132,11 +133,15 @@ def _cholesky_solve(p, t):
     if tB is None and tL is None:
         return X, None
     rhs = tB
+    # the op reads one triangle of L; so does its tangent (PyTorch's own backward of
+    # cholesky_solve spreads gradient over the whole of L: the tril keeps autograd exact)
+    L = _sym_tri(L, upper)
     if tL is not None:
+        Xt = aten.cholesky_solve.default(B, L, upper) if for_autograd() else X
         tL = _sym_tri(tL, upper)
         # A = L L^T (or U^T U); dA = dL L^T + L dL^T
         dA = tL @ L.mT + L @ tL.mT if not upper else tL.mT @ L + L.mT @ tL
-        rhs = tadd(rhs, -(dA @ X))
+        rhs = tadd(rhs, -(dA @ Xt))
     return X, torch.cholesky_solve(rhs, L.expand(rhs.shape[:-2] + L.shape[-2:]) if rhs.dim() > L.dim() else L, upper)
 
 
@@ -147,23 +152,43 @@ def _is_vector_rhs(A, B):
     return B.dim() == 1 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1])
 
 
+def _lu_factor_ex(p, t):
+    """Square A = P L U, packed as LU: with X = L^-1 P^T dA U^-1, dL = L strictly_lower(X)
+    and dU = upper(X) U."""
+    A, pivot, check = p
+    LU, pivots, info = call_op(aten.linalg_lu_factor_ex.default, p)
+    if t[0] is None:
+        return (LU, pivots, info), None
+    if A.shape[-1] != A.shape[-2] or not pivot:
+        return without_rule(aten.linalg_lu_factor_ex.default, p, t)  # rectangular or unpivoted
+    P, L, U = torch.lu_unpack(LU, pivots)
+    X = torch.linalg.solve_triangular(L, P.mT @ t[0], upper=False, unitriangular=True)
+    X = torch.linalg.solve_triangular(U, X, upper=True, left=False)
+    tLU = L @ X.tril(-1) + X.triu() @ U
+    return (LU, pivots, info), (tLU, None, None)
+
+
+reg(aten.linalg_lu_factor_ex.default, _lu_factor_ex)
+
+
 def _linalg_solve_ex(p, t):
     A, B, left, check = p
-    X, LU, pivots, info = aten._linalg_solve_ex.default(A, B, left=left, check_errors=check)
     tA, tB = t[0], t[1]
-    outs = (X, LU, pivots, info)
     if tA is None and tB is None:
-        return outs, None
+        return aten._linalg_solve_ex.default(A, B, left=left, check_errors=check), None
+    # solve = lu_factor_ex + lu_solve, as PyTorch computes it, spelled out: the tangent's
+    # lu_solve reuses the factorisation through ops that autograd and an enclosing jvp can
+    # differentiate (autograd treats the LU output of _linalg_solve_ex as a constant)
+    (LU, pivots, info), tf = jvp_op(aten.linalg_lu_factor_ex.default, (A, True, check), (tA, None, None))
     vec = _is_vector_rhs(A, B)
-    Xm = X.unsqueeze(-1) if vec else X
+    Bm = B.unsqueeze(-1) if vec else B
+    Xm = torch.linalg.lu_solve(LU, pivots, Bm, left=left)
     rhs = None if tB is None else (tB.unsqueeze(-1) if vec else tB)
     if tA is not None:
         rhs = tadd(rhs, -(tA @ Xm) if left else -(Xm @ tA))
-    if left:
-        tX = torch.linalg.lu_solve(LU, pivots, rhs)
-    else:
-        tX = torch.linalg.lu_solve(LU, pivots, rhs, left=False)
-    return outs, (tX.squeeze(-1) if vec else tX, None, None, None)
+    tX = torch.linalg.lu_solve(LU, pivots, rhs, left=left)
+    X = Xm.squeeze(-1) if vec else Xm
+    return (X, LU, pivots, info), (tX.squeeze(-1) if vec else tX, None if tf is None else tf[0], None, None)
 
 
 reg(aten._linalg_solve_ex.default, _linalg_solve_ex)
@@ -193,7 +218,7 @@ def _slogdet(p, t):
         return outs, None
     if A.is_complex():
         return _fallback_complex("slogdet")
-    return outs, (None, _trace_solve(A, t[0]), None, None)
+    return outs, (None, _trace_solve(A, t[0]), _unknown(LU, t[0]), None)
 
 
 def _det(p, t):
@@ -201,7 +226,13 @@ def _det(p, t):
     det, LU, pivots = aten._linalg_det.default(A)
     if t[0] is None:
         return (det, LU, pivots), None
-    return (det, LU, pivots), (det * _trace_solve(A, t[0]), None, None)
+    return (det, LU, pivots), (det * _trace_solve(A, t[0]), _unknown(LU, t[0]), None)
+
+
+def _unknown(LU, tA):
+    """The tangent of det's and slogdet's LU output (of A or of A^T, PyTorch does not say
+    which): not computed, and NaN so that any use shows instead of a silent zero."""
+    return torch.full((tA.shape[0],) + tuple(LU.shape), float("nan"), dtype=LU.dtype, device=LU.device)
 
 
 def _fallback_complex(name):
@@ -247,9 +278,15 @@ TEST_CASES = [
          lambda: (_tri(3, upper=True), randn(2, 3))),
     # cholesky_solve reads one triangle of its factor; torch.func.jvp differentiates the whole
     # matrix, so along a full tangent it is wrong (finite differences agree with us)
+    case("cholesky_solve_reads_one_triangle", lambda b, l: torch.cholesky_solve(b, l),
+         lambda: (randn(4, 2), torch.linalg.cholesky(_spd(4)) + torch.ones(4, 4, dtype=torch.float64).triu(1)),
+         check_torch_func=False),
     case("cholesky_solve", lambda b, l: torch.cholesky_solve(b, l), lambda: (randn(4, 2), _tri(4)), check_torch_func=False),
     case("cholesky_solve_upper", lambda b, u: torch.cholesky_solve(b, u, upper=True), lambda: (randn(4, 2), _tri(4, upper=True)),
          check_torch_func=False),
+    case("lu_factor", lambda a: torch.linalg.lu_factor(a)[0], lambda: (randn(2, 4, 4),)),
+    case("lu_factor_wide", lambda a: torch.linalg.lu_factor(a)[0], lambda: (randn(3, 5),)),
+    case("solve_general", torch.linalg.solve, lambda: (randn(4, 4) + 4 * torch.eye(4, dtype=torch.float64), randn(4, 3))),
     case("solve", torch.linalg.solve, lambda: (_spd(4), randn(4, 3))),
     case("solve_vec", torch.linalg.solve, lambda: (_spd(4), randn(4))),
     case("solve_batched_left_false", lambda a, b: torch.linalg.solve(a, b, left=False), lambda: (_spd(3, (2,)), randn(2, 4, 3))),

@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from torch_fwd.combinators import decompose_with, shift_dim, with_kernel
-from torch_fwd.engine import above_dispatch
+from torch_fwd.combinators import decompose_with, linear, shift_dim, with_kernel
+from torch_fwd.engine import above_dispatch, for_autograd
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
 
@@ -53,6 +53,22 @@ reg(aten._softmax.default, with_kernel(_softmax, _softmax_kernel(False)))
 reg(aten._log_softmax.default, with_kernel(_log_softmax, _softmax_kernel(True)))
 
 
+# ---- average pooling: linear in the input (the divisor depends on shapes only) ---------------
+def _batched_pool(op, spatial):
+    """op applied to each of K tangents, the chunk folded into the batch dimension."""
+    def tangent(tx, x, *args):
+        k = tx.shape[0]
+        if x.dim() == spatial + 1:  # unbatched input: the chunk is the batch
+            return call_op(op, (tx,) + args)
+        y = call_op(op, (tx.reshape((k * x.shape[0],) + tuple(x.shape[1:])),) + args)
+        return y.reshape((k, x.shape[0]) + tuple(y.shape[1:]))
+    return tangent
+
+
+for _op, _spatial in [(aten.avg_pool2d.default, 2), (aten.avg_pool3d.default, 3)]:
+    reg(_op, linear(_op, _batched_pool(_op, _spatial)))
+
+
 # ---- normalisation ------------------------------------------------------------------------
 def _normalized_tangent(x, tx, mean, rstd, dims):
     """For xhat = (x - mean) * rstd with mean/var over ``dims`` (biased): the tangents of
@@ -76,16 +92,27 @@ def _affine(xhat, txhat, w, b, tw, tb, shape):
     return out
 
 
+def _differentiable_stats(x, dims, eps, mean, rstd):
+    """The op's saved mean and rstd, or, when the tangents will be back-propagated
+    through, the same statistics recomputed by ops autograd differentiates (it treats the
+    saved ones as constants)."""
+    if not for_autograd():
+        return mean, rstd
+    var, m = torch.var_mean(x, dims, correction=0, keepdim=True)
+    return m.reshape(mean.shape), torch.rsqrt(var + eps).reshape(rstd.shape)
+
+
 def _layer_norm(p, t):
     x, normalized_shape, w, b, eps = p
     out, mean, rstd = aten.native_layer_norm.default(x, normalized_shape, w, b, eps)
     tx, tw, tb = t[0], t[2], t[3]
     axis = x.dim() - len(normalized_shape)
     dims = list(range(axis, x.dim()))
+    m, r = _differentiable_stats(x, dims, eps, mean, rstd)
     if tx is not None:
-        xhat, txhat, tmean, trstd = _normalized_tangent(x, tx, mean, rstd, dims)
+        xhat, txhat, tmean, trstd = _normalized_tangent(x, tx, m, r, dims)
     else:
-        xhat, txhat, tmean, trstd = (x - mean) * rstd, None, None, None
+        xhat, txhat, tmean, trstd = (x - m) * r, None, None, None
     return (out, mean, rstd), (_affine(xhat, txhat, w, b, tw, tb, tuple(normalized_shape)), tmean, trstd)
 
 
@@ -155,6 +182,7 @@ def _batch_norm_core(x, w, b, rm, rv, training, eps, save_mean, save_invstd, tx,
     dims = [0] + list(range(2, x.dim()))
     tvar = None
     if training or rm is None:
+        save_mean, save_invstd = _differentiable_stats(x, dims, eps, save_mean, save_invstd)
         mean = save_mean.reshape(c_shape)
         rstd = save_invstd.reshape(c_shape)
         if tx is not None:
@@ -580,5 +608,8 @@ TEST_CASES = [
     case("mse_loss", lambda x, y: F.mse_loss(x, y), lambda: (randn(3, 4), randn(3, 4))),
     case("max_pool2d", lambda x: F.max_pool2d(x, 2), lambda: (randn(1, 2, 4, 4),)),
     case("avg_pool2d", lambda x: F.avg_pool2d(x, 2), lambda: (randn(1, 2, 4, 4),)),
+    case("avg_pool2d_unbatched_padded", lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), lambda: (randn(2, 5, 5),)),
+    case("avg_pool3d_ceil", lambda x: F.avg_pool3d(x, 2, ceil_mode=True), lambda: (randn(2, 1, 3, 4, 5),)),
+    case("avg_pool1d", lambda x: F.avg_pool1d(x, 2), lambda: (randn(2, 3, 6),)),
     case("interpolate", lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), lambda: (randn(1, 2, 3, 3),)),
 ]

@@ -15,7 +15,8 @@ ZERO = [
     aten.randint_like.default, aten.randint_like.low_dtype, aten.multinomial.default,
     aten.zeros_like.default, aten.ones_like.default, aten.empty_like.default, aten.full_like.default,
     aten.new_zeros.default, aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
-    aten.new_empty_strided.default, aten.empty_strided.default, aten.detach.default,
+    aten.new_empty_strided.default, aten.empty_strided.default, aten._new_zeros_with_same_feature_meta.default,
+    aten.detach.default,
     aten._local_scalar_dense.default, aten.nonzero.default, aten.bucketize.Tensor, aten.searchsorted.Tensor,
     aten.histc.default, aten.one_hot.default, aten.zero.default, aten.fill.Scalar,
     # the functional forms of x.exponential_() and friends: run as the op itself, since a

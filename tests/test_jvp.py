@@ -365,13 +365,3 @@ def test_view_of_a_mutated_input(path):
     x, v = rand(3, 4), rand(3, 4)
     _, t = torch_fwd.jvp(f, (x.clone(),), (v,), path=path)
     torch.testing.assert_close(t, 3 * v.T)
-
-
-@pytest.mark.parametrize("path", ["eager", "auto"])
-def test_nested_jvp_is_refused_clearly(path):
-    x, v = rand(2), rand(2)
-
-    def inner(x):
-        return torch_fwd.jvp(torch.sin, (x,), (v,))[1]
-    with pytest.raises(NotImplementedError, match="nested jvp"):
-        torch_fwd.jvp(inner, (x,), (v,), path=path)

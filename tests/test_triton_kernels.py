@@ -185,7 +185,7 @@ def test_jvp_through_kernels_matches_the_rules_math(path):
 
 def test_the_jvp_graph_calls_the_kernels():
     x, w, b, wq = rand(6, 32), rand(32), rand(32), rand(32, 32) / 6
-    code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2).code
+    code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2, for_autograd=False).code
     for op in ("layer_norm_jvp", "flash_attention_jvp", "unary_jvp", "binary_jvp", "softmax_jvp"):
         assert f"torch_fwd.{op}" in code, op
 
@@ -195,5 +195,5 @@ def test_without_the_switch_cpu_tensors_use_the_rules_math(monkeypatch):
         pytest.skip("CUDA tensors always use the kernels")
     monkeypatch.delenv("TORCH_FWD_TRITON_ON_CPU")
     x, w, b, wq = rand(6, 32), rand(32), rand(32), rand(32, 32) / 6
-    code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2).code
+    code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2, for_autograd=False).code
     assert "torch_fwd." not in code

@@ -8,9 +8,10 @@ import threading
 import torch
 import torch.utils._pytree as pytree
 
-from .capture import CaptureFailed, GuardedCapture, to_aten
+from .capture import CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, to_aten
 from .dual import Dual, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
+from .engine import building_for_autograd
 from .transform import build_jvp_graph
 
 __all__ = ["jvp", "jacfwd", "make_jvp_graph", "explain", "JACFWD_MEMORY_BUDGET"]
@@ -44,10 +45,6 @@ def _check(primals, tangents, chunked):
         raise ValueError(f"jvp: tangents have a different pytree structure than primals:\n"
                          f"  primals:  {spec_p}\n  tangents: {spec_t}")
     chunk = None
-    if any(isinstance(x, Dual) for x in flat_p + flat_t):
-        raise NotImplementedError(
-            "torch_fwd.jvp inside a function that torch_fwd is differentiating (nested jvp, e.g. "
-            "for second derivatives) is not supported yet")
     for i, (p, t) in enumerate(zip(flat_p, flat_t)):
         where = f"primal leaf {i}"
         if not isinstance(p, torch.Tensor):
@@ -115,31 +112,112 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
         raise TypeError(f"jvp: func must be callable, got {type(func).__name__}")
     if path not in ("auto", "graph", "eager"):
         raise ValueError(f"jvp: path must be 'auto', 'graph' or 'eager', got {path!r}")
+    if torch.compiler.is_dynamo_compiling():
+        # dynamo is capturing a function that calls jvp (an enclosing jvp's graph path):
+        # it cannot trace our dispatch mode, so the capture is refused here, loudly; the
+        # enclosing jvp then runs eagerly or traces with make_fx (path="graph")
+        raise NestedJvpUnderDynamo("torch_fwd.jvp cannot be captured by dynamo (a nested jvp)")
     flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
+    nested = _inside_another_transform(flat_p, flat_t)
     # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents)
     ts = [(t if chunked else t.unsqueeze(0)).contiguous() for t in flat_t]
     primal_args = pytree.tree_unflatten(flat_p, spec)
 
     out = None
-    if path in ("auto", "graph"):
+    if nested:
+        # Inside another jvp (or a make_fx trace) the eager path runs at a new level: the
+        # enclosing level differentiates what it does (or make_fx records it). A graph of
+        # its own would see the enclosing level's Duals it closes over as constants.
+        why = "eager (inside another transform)"
+    elif path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
             raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk))
             res, aux = _split_aux(raw, has_aux)
             out = res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk), aux
-            _last_path.value = "graph"
+            why = "graph"
         except CaptureFailed as e:
-            if path == "graph":
+            if path == "graph" and e.nested_jvp:
+                # dynamo cannot capture a nested jvp; make_fx can (the inner jvp runs its
+                # eager path under it and is recorded as ATen ops). Nothing is cached:
+                # without dynamo's guards a trace is only valid for these very inputs.
+                out = _traced_once(func, flat_p, ts, spec, chunk, has_aux)
+                why = "graph (traced once: the function calls jvp)"
+            elif path == "graph":
                 raise RuntimeError(f"jvp(path='graph'): the function could not be captured: {e}") from None
-            _last_path.value = f"eager ({e})"
+            elif e.nested_jvp:
+                why = "eager (the function calls jvp, which dynamo cannot capture)"
+            else:
+                why = f"eager ({e})"
+    else:
+        why = "eager (requested)"
     if out is None:
-        if path == "eager":
-            _last_path.value = "eager (requested)"
         out = _eager(func, flat_p, ts, spec, chunk, has_aux)
+    _last_path.value = why  # after the call: a jvp nested inside reported its own path first
     res, tres, aux = out
     if not chunked:
         tres = pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, tres)
     return (res, tres, aux) if has_aux else (res, tres)
+
+
+def _inside_another_transform(flat_p, flat_t) -> bool:
+    """Whether this jvp runs inside another one (or inside a make_fx trace): its inputs
+    are Duals, functional or fake tensors, or a dispatch mode is active. Its eager path
+    then runs, at a new level, and the enclosing transform differentiates or records it."""
+    for x in flat_p + flat_t:
+        if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._is_functional_tensor(x):
+            # a Dual cannot wrap these: its ops would skip the wrapper's transform
+            raise NotImplementedError(
+                "torch_fwd.jvp inside a torch.func transform (vmap, grad, jvp, functionalize) is not "
+                "supported: call torch_fwd's transforms outside torch.func's, or use torch_fwd.jacfwd / "
+                "chunked=True instead of vmap")
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(isinstance(x, Dual) for x in flat_p + flat_t)
+
+
+def _traced_once(func, flat_p, ts, spec, chunk, has_aux):
+    """The graph path without dynamo: make_fx traces ``func`` at these inputs, the
+    forward-mode pass builds its JVP graph, which runs once and is dropped."""
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in flat_p + ts)
+    graph, out_spec, consts = trace_jvp_graph(func, flat_p, spec, chunk, for_autograd=grad)
+    outs, touts, _ = graph(flat_p, ts)
+    raw = pytree.tree_unflatten(_fill(outs, consts), out_spec)
+    res, aux = _split_aux(raw, has_aux)
+    n_res = len(pytree.tree_leaves(res))
+    flat_t = _fill(touts, consts)[:n_res]
+    return res, _collect(res, lambda i, o: flat_t[i], chunk), aux
+
+
+def trace_jvp_graph(func, flat_p, spec, chunk, active=None, for_autograd=True):
+    """make_fx (fake tensors, functionalized) of ``func(*unflatten(flat_p))`` and its JVP
+    graph for tangents on the ``active`` primals (default: every floating one). Returns
+    (JVPGraph over the tensor leaves of the output, the output's spec, {leaf index: the
+    non-tensor leaves as traced}). ``for_autograd``: build it with rules autograd can
+    differentiate (engine.for_autograd)."""
+    consts: dict = {}
+    box: dict = {}
+
+    def flat_fn(*flat):
+        out = func(*pytree.tree_unflatten(list(flat), spec))
+        leaves, box["spec"] = pytree.tree_flatten(out)
+        consts.clear()
+        consts.update({i: x for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)})
+        return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+    if active is None:
+        active = [p.is_floating_point() or p.is_complex() for p in flat_p]
+    aten_gm = to_aten(flat_fn, flat_p, functionalize=False)
+    with building_for_autograd(for_autograd):
+        graph = build_jvp_graph(aten_gm, flat_p, active, chunk)
+    return graph, box["spec"], dict(consts)
+
+
+def _fill(tensors, consts):
+    """Tensor leaves back among the traced non-tensor leaves."""
+    it = iter(tensors)
+    n = len(tensors) + len(consts)
+    return [consts[i] if i in consts else next(it) for i in range(n)]
 
 
 def _graph_output_tangent(o, results, flat_p, ts):
@@ -308,7 +386,7 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None, path="auto"):
 # make_jvp_graph
 # ---------------------------------------------------------------------------------------
 
-def make_jvp_graph(func, *primals, chunk=1):
+def make_jvp_graph(func, *primals, chunk=1, for_autograd=True):
     """The JVP of ``func`` as a readable ATen ``fx.GraphModule``.
 
     Captured with make_fx on fake tensors (functionalized), then rewritten by the
@@ -317,6 +395,9 @@ def make_jvp_graph(func, *primals, chunk=1):
     tangent per output (zeros where the output does not depend on the inputs).
     The graph is specialised on the primals' shapes, dtypes and any Python values
     ``func`` reads: ``jvp`` guards its own cache, a GraphModule you keep does not.
+    ``for_autograd=False`` lets rules reuse what autograd cannot differentiate (statistics
+    saved by an op, the fused kernels): faster, but back-propagating through the graph's
+    tangents would then be wrong.
     """
     if not callable(func):
         raise TypeError(f"make_jvp_graph: func must be callable, got {type(func).__name__}")
@@ -333,7 +414,8 @@ def make_jvp_graph(func, *primals, chunk=1):
 
     aten_gm = to_aten(flat_fn, flat_p)
     active = [p.is_floating_point() or p.is_complex() for p in flat_p]
-    jg = build_jvp_graph(aten_gm, flat_p, active, chunk, zeros_for_inactive=True)
+    with building_for_autograd(for_autograd):
+        jg = build_jvp_graph(aten_gm, flat_p, active, chunk, zeros_for_inactive=True)
     gm = jg.gm
     names = [f"primal_{i}" for i in range(len(flat_p))] + [f"tangent_{i}" for i, a in enumerate(active) if a]
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], names):

@@ -26,19 +26,44 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
 from . import registry
+from .engine import building_for_autograd
 from .transform import build_jvp_graph
 
 __all__ = ["to_aten", "GuardedCapture", "CaptureFailed"]
 
 
 class CaptureFailed(Exception):
-    """The function cannot be captured exactly; the caller runs the eager path."""
+    """The function cannot be captured exactly; the caller runs the eager path.
+    ``nested_jvp``: because the function calls ``torch_fwd.jvp`` itself."""
+
+    def __init__(self, msg, nested_jvp=False):
+        super().__init__(msg)
+        self.nested_jvp = nested_jvp
 
 
-def to_aten(fn, args) -> fx.GraphModule:
+class NestedJvpUnderDynamo(RuntimeError):
+    """Raised by ``jvp`` while dynamo traces it: dynamo cannot trace our dispatch mode."""
+
+
+def _caused_by_nested_jvp(e) -> bool:
+    # dynamo re-raises a user exception it traced as a class of its own named after ours
+    # (Observed_NestedJvpUnderDynamoError), chained under its Unsupported error
+    while e is not None:
+        if "NestedJvpUnderDynamo" in type(e).__name__:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def to_aten(fn, args, functionalize: bool = True) -> fx.GraphModule:
     """ATen graph of ``fn`` (functionalized), each node keeping the user's stack trace: for
     a GraphModule from dynamo, its nodes' traces carry over (fx.traceback.preserve_node_meta
-    with an Interpreter, as aot_autograd does); for a function, make_fx records them."""
+    with an Interpreter, as aot_autograd does); for a function, make_fx records them.
+
+    ``functionalize=False`` for functions that may call ``torch_fwd.jvp`` themselves: a
+    Dual made inside ``torch.func.functionalize`` wraps a functional tensor whose ops then
+    bypass functionalization (make_fx would record the input as a constant). The forward
+    pass handles mutations itself, as the eager path does."""
     # (imported here: make_fx pulls in dynamo, ~1 s that `import torch_fwd` need not pay)
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -52,7 +77,8 @@ def to_aten(fn, args) -> fx.GraphModule:
                 return fn(*a)
     with mode, fx_traceback.preserve_node_meta():
         fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        return make_fx(torch.func.functionalize(inner, remove="mutations"), tracing_mode="real")(*fake)
+        traced = torch.func.functionalize(inner, remove="mutations") if functionalize else inner
+        return make_fx(traced, tracing_mode="real")(*fake)
 
 
 class _RecordUserFrames(TorchFunctionMode):
@@ -96,12 +122,18 @@ class _CompiledGraph:
             # called outside torch_fwd.jvp: the primal function
             return self.torch_gm(*args)
         tangents = [ch.tangents.get(id(a)) if isinstance(a, torch.Tensor) else None for a in args]
-        key = (tuple(t is not None for t in tangents), ch.chunk, registry.generation())
+        # a graph whose outputs autograd will differentiate is built with rules autograd
+        # can differentiate (engine.for_autograd); dynamo guards on grad mode and on
+        # requires_grad, so this bit is decided once per compiled graph and call pattern
+        grad = torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in list(args) + tangents)
+        key = (tuple(t is not None for t in tangents), ch.chunk, registry.generation(), grad)
         with self.lock:
             jg = self.jvp_graphs.get(key)
             if jg is None:
                 try:
-                    jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
+                    with building_for_autograd(grad):
+                        jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
                     raise CaptureFailed(str(e)) from e
                 self.jvp_graphs[key] = jg
@@ -147,14 +179,16 @@ class GuardedCapture:
 
     def __init__(self, fn):
         self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
-        self.failed_keys: set = set()
+        self.failed_keys: dict = {}  # signature -> (message, nested_jvp): why its capture failed
 
     def run(self, args, flat_primals, flat_tangents, chunk, key_fn):
         """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
         (output, {id(tensor): tangent}) or raises CaptureFailed."""
         # the signature is only computed once something has failed for this function
-        if self.failed_keys and key_fn() in self.failed_keys:
-            raise CaptureFailed("capture failed before for this signature")
+        if self.failed_keys:
+            why = self.failed_keys.get(key_fn())
+            if why is not None:
+                raise CaptureFailed(*why)
         ch = _channel
         if ch.tangents is not None:
             raise CaptureFailed("nested torch_fwd.jvp runs eagerly")
@@ -174,9 +208,12 @@ class GuardedCapture:
         except Exception as e:  # noqa: BLE001
             # dynamo could not capture (graph break, data-dependent control flow, a rule
             # missing at trace time, ...): the eager path runs and reports real errors.
-            self.failed_keys.add(key_fn())
+            # (the message only is kept: an exception would keep the failed frames' tensors alive)
             if isinstance(e, CaptureFailed):
+                self.failed_keys[key_fn()] = (str(e), e.nested_jvp)
                 raise
-            raise CaptureFailed(f"{type(e).__name__}: {e}") from e
+            why = (f"{type(e).__name__}: {e}", _caused_by_nested_jvp(e))
+            self.failed_keys[key_fn()] = why
+            raise CaptureFailed(*why) from e
         finally:
             ch.tangents = ch.results = ch.chunk = None

@@ -119,8 +119,9 @@ def with_kernel(rule, try_kernel):
     kernels are tested against ``rule``."""
     def wrapped(p, t):
         from torch_fwd import triton_kernels
+        from torch_fwd.engine import for_autograd
         tensors = [x for x in pytree.tree_leaves((p, t)) if isinstance(x, torch.Tensor)]
-        res = try_kernel(p, t) if triton_kernels.use_kernels(*tensors) else None
+        res = try_kernel(p, t) if triton_kernels.use_kernels(*tensors) and not for_autograd() else None
         return rule(p, t) if res is None else res
     wrapped.__name__ = f"{getattr(rule, '__name__', 'rule')}_with_kernel"
     return wrapped

@@ -11,8 +11,17 @@ through one view is seen by every other view, as with primal storage.
 
 ``Dual`` is traceable (``__tensor_flatten__``/``__tensor_unflatten__``), the protocol
 torch.compile and aot_autograd use for wrapper subclasses.
+
+Nesting (a ``jvp`` inside a function being differentiated) gives each ``DualMode`` a
+level, its perturbation tag: a mode only unwraps Duals of its own level and treats a Dual
+of a lower level as an ordinary tensor. The rule it applies then runs on those lower-level
+Duals with the mode itself popped (``__torch_dispatch__`` runs below its own mode), so the
+enclosing level differentiates the rule: a Dual of the outer level is a constant to the
+inner one, and the two perturbations never mix.
 """
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.utils._pytree as pytree
@@ -24,7 +33,32 @@ from .tangent import is_differentiable, shares_storage
 
 aten = torch.ops.aten
 
-__all__ = ["Dual", "DualMode", "run_with_duals"]
+__all__ = ["Dual", "DualMode", "run_with_duals", "current_level"]
+
+
+class _Levels(threading.local):
+    top = 0      # the innermost level entered by run_with_duals / the graph pass
+    handling = 0  # the level whose mode is applying a rule right now (0: none)
+
+
+_levels = _Levels()
+
+
+def current_level() -> int:
+    """How many levels of differentiation the calling thread is inside (0: none)."""
+    return _levels.top
+
+
+class entered_level:
+    """A new innermost level for the duration of a with-block."""
+
+    def __enter__(self):
+        self.prev = _levels.top, _levels.handling
+        _levels.top += 1
+        return _levels.top
+
+    def __exit__(self, *exc):
+        _levels.top, _levels.handling = self.prev
 
 
 class Dual(torch.Tensor):
@@ -32,9 +66,14 @@ class Dual(torch.Tensor):
 
     @staticmethod
     def __new__(cls, primal: torch.Tensor, tangent: torch.Tensor | None = None, *, chunk: int | None = None,
-                _view_of=None):
-        if isinstance(primal, Dual):
-            raise TypeError("Dual: primal is already a Dual (nested Duals are not supported)")
+                _view_of=None, level: int | None = None):
+        if level is None:
+            # a rule wrapping its own result gets the level being handled; a user's Dual
+            # the innermost level entered (1 outside any jvp)
+            level = _levels.handling or max(_levels.top, 1)
+        if isinstance(primal, Dual) and primal._level >= level:
+            raise TypeError(f"Dual: primal is a Dual of level {primal._level}; a Dual can only wrap "
+                            f"Duals of lower levels (level {level} here)")
         if not isinstance(primal, torch.Tensor):
             raise TypeError(f"Dual: primal must be a Tensor, got {type(primal).__name__}")
         r = torch.Tensor._make_wrapper_subclass(
@@ -44,9 +83,10 @@ class Dual(torch.Tensor):
         r._tangent = tangent
         r._view_of = _view_of
         r._chunk = chunk if chunk is not None else (tangent.shape[0] if tangent is not None else None)
+        r._level = level
         return r
 
-    def __init__(self, primal, tangent=None, *, chunk=None, _view_of=None):
+    def __init__(self, primal, tangent=None, *, chunk=None, _view_of=None, level=None):
         if tangent is not None:
             if not isinstance(tangent, torch.Tensor):
                 raise TypeError(f"Dual: tangent must be a Tensor or None, got {type(tangent).__name__}")
@@ -90,7 +130,7 @@ class Dual(torch.Tensor):
         return self.primal.numpy(force=force)
 
     def __repr__(self):
-        return f"Dual(primal={self.primal!r}, tangent={self.tangent!r})"
+        return f"Dual(primal={self.primal!r}, tangent={self.tangent!r}, level={self._level})"
 
     def __tensor_flatten__(self):
         t = self.tangent
@@ -102,7 +142,9 @@ class Dual(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        return dispatch(func, args, kwargs, None)
+        # no mode: Duals used directly; the innermost level among the arguments acts
+        level = max(x._level for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Dual))
+        return dispatch(func, args, kwargs, None, level)
 
 
 def _zeros_in_layout_of(p: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -117,37 +159,42 @@ class DualMode(TorchDispatchMode):
     """Routes every op through the rule table and wraps every floating tensor result as
     a Dual, so tensors created inside the function can receive tangents in place."""
 
-    def __init__(self, chunk: int):
+    def __init__(self, chunk: int, level: int):
         super().__init__()
         self.chunk = chunk
+        self.level = level
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return dispatch(func, args, kwargs, self)
+        return dispatch(func, args, kwargs, self, self.level)
 
 
-def _p(a):
-    if isinstance(a, Dual):
+def _mine(x, level):
+    return isinstance(x, Dual) and x._level == level
+
+
+def _p(a, level):
+    if _mine(a, level):
         return a.primal
-    if isinstance(a, (list, tuple)) and a and any(isinstance(x, Dual) for x in a):
-        return type(a)(x.primal if isinstance(x, Dual) else x for x in a)
+    if isinstance(a, (list, tuple)) and a and any(_mine(x, level) for x in a):
+        return type(a)(x.primal if _mine(x, level) else x for x in a)
     return a
 
 
-def _t(a):
-    if isinstance(a, Dual):
+def _t(a, level):
+    if _mine(a, level):
         return a.tangent
-    if isinstance(a, (list, tuple)) and a and any(isinstance(x, Dual) for x in a):
-        ts = [x.tangent if isinstance(x, Dual) else None for x in a]
+    if isinstance(a, (list, tuple)) and a and any(_mine(x, level) for x in a):
+        ts = [x.tangent if _mine(x, level) else None for x in a]
         return ts if any(t is not None for t in ts) else None
     return None
 
 
-def _chunk_of(full, mode):
+def _chunk_of(full, mode, level):
     if mode is not None:
         return mode.chunk
     for a in full:
         for x in (a if isinstance(a, (list, tuple)) else (a,)):
-            if isinstance(x, Dual) and x._chunk is not None:
+            if _mine(x, level) and x._chunk is not None:
                 return x._chunk
     return None
 
@@ -166,11 +213,20 @@ def is_view(func) -> bool:
     return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
 
 
-def dispatch(func, args, kwargs, mode):
+def dispatch(func, args, kwargs, mode, level):
+    prev = _levels.handling
+    _levels.handling = level
+    try:
+        return _dispatch(func, args, kwargs, mode, level)
+    finally:
+        _levels.handling = prev
+
+
+def _dispatch(func, args, kwargs, mode, level):
     kwargs = kwargs or {}
     full = registry.normalize(func, args, kwargs)
-    primals = tuple(_p(a) for a in full)
-    tangents = tuple(_t(a) for a in full)
+    primals = tuple(_p(a, level) for a in full)
+    tangents = tuple(_t(a, level) for a in full)
     if torch.is_grad_enabled() and _requires_grad(primals, tangents):
         raise RuntimeError(
             f"torch_fwd's eager path does not record autograd history: {func} got a tensor that "
@@ -179,17 +235,17 @@ def dispatch(func, args, kwargs, mode):
             f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
             f"capturable (no graph break) so that the graph path runs, which autograd sees.")
     if torch.Tag.inplace_view in func.tags:
-        return _inplace_view(func, args, kwargs, full, primals)
+        return _inplace_view(func, args, kwargs, full, primals, level)
     if func._schema.is_mutable and registry.lookup(func) is None:
         # (an op with its own rule, e.g. batch norm updating running statistics, mutates
         # inside the rule by calling the op itself)
-        return _mutating(func, full, primals, tangents, mode)
+        return _mutating(func, full, primals, tangents, mode, level)
     out, tout = jvp_op(func, primals, tangents)
     view_base = None
     if is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], torch.Tensor):
         # a view of a tensor torch_fwd does not track (a global, a buffer) stays untracked
-        view_base = full[0] if isinstance(full[0], Dual) else _UNTRACKED
-    return _wrap(func, out, tout, mode, view_base, primals)
+        view_base = full[0] if _mine(full[0], level) else _UNTRACKED
+    return _wrap(func, out, tout, mode, view_base, primals, level)
 
 
 def _on_wrapper_metadata(func, args, kwargs):
@@ -205,12 +261,12 @@ def _on_wrapper_metadata(func, args, kwargs):
             torch._C._set_meta_in_tls_dispatch_include(meta)
 
 
-def _inplace_view(func, args, kwargs, full, primals):
+def _inplace_view(func, args, kwargs, full, primals, level):
     """squeeze_, transpose_, as_strided_, ...: the primal changes shape in place, the
     tangent becomes the out-of-place view's tangent (a real view of the old one), and the
     wrapper's own metadata follows (_on_wrapper_metadata)."""
     self_ = full[0]
-    if not isinstance(self_, Dual):
+    if not _mine(self_, level):
         return registry.call_op(func, primals)
     fop = functional_overload(func)
     if fop is None:
@@ -245,7 +301,7 @@ def _requires_grad(*trees) -> bool:
     return False
 
 
-def _wrap(func, out, tout, mode, view_base, primals, index=None):
+def _wrap(func, out, tout, mode, view_base, primals, level, index=None):
     if isinstance(out, torch.Tensor):
         view_of = None
         if view_base is _UNTRACKED:
@@ -256,10 +312,10 @@ def _wrap(func, out, tout, mode, view_base, primals, index=None):
             return out
         if tout is None and not is_differentiable(out):
             return out
-        return Dual(out, tout, chunk=mode.chunk if mode is not None else None, _view_of=view_of)
+        return Dual(out, tout, chunk=mode.chunk if mode is not None else None, _view_of=view_of, level=level)
     if isinstance(out, (tuple, list)):
         touts = tout if tout is not None else [None] * len(out)
-        items = [_wrap(func, o, t, mode, view_base, primals, i) for i, (o, t) in enumerate(zip(out, touts))]
+        items = [_wrap(func, o, t, mode, view_base, primals, level, i) for i, (o, t) in enumerate(zip(out, touts))]
         return type(out)(*items) if hasattr(type(out), "_fields") else type(out)(items)
     return out
 
@@ -303,7 +359,7 @@ def functional_overload(func):
     return None
 
 
-def _mutating(func, full, primals, tangents, mode):
+def _mutating(func, full, primals, tangents, mode, level):
     schema = func._schema
     written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
     if not any(t is not None for t in tangents):
@@ -319,9 +375,9 @@ def _mutating(func, full, primals, tangents, mode):
     out, tout = jvp_op(fop, tuple(primals[i] for i in keep), tuple(tangents[i] for i in keep))
     outs = out if isinstance(out, (tuple, list)) else (out,)
     touts = tout if isinstance(tout, (tuple, list)) else (tout,) * len(outs)
-    chunk = _chunk_of(full, mode)
+    chunk = _chunk_of(full, mode, level)
     for target_index, value, tvalue in zip(written, outs, touts):
-        _write(func, full[target_index], value, tvalue, chunk)
+        _write(func, full[target_index], value, tvalue, chunk, level)
     return _return_mutated(func, full, written)
 
 
@@ -332,10 +388,10 @@ def _return_mutated(func, full, written):
     return rets[0] if len(rets) == 1 else tuple(rets)
 
 
-def _resize_out(func, target, shape):
+def _resize_out(func, target, shape, level):
     """out= buffers of the wrong size are resized, as PyTorch's out= kernels do; a Dual's
     own metadata follows (_on_wrapper_metadata) and its tangent starts afresh."""
-    if isinstance(target, Dual):
+    if _mine(target, level):
         if target._view_of is not None:
             raise RuntimeError(f"torch_fwd: {func} would resize an out= tensor that is a view\n"
                                f"  at {user_source_line()}")
@@ -346,10 +402,10 @@ def _resize_out(func, target, shape):
         target.resize_(shape)
 
 
-def _write(func, target, value, tvalue, chunk):
+def _write(func, target, value, tvalue, chunk, level):
     if isinstance(value, torch.Tensor) and tuple(target.shape) != tuple(value.shape):
-        _resize_out(func, target, value.shape)
-    if isinstance(target, Dual):
+        _resize_out(func, target, value.shape, level)
+    if _mine(target, level):
         if tvalue is not None and target._view_of is _UNTRACKED:
             raise _untracked_write("a view of a tensor")
         target.primal.copy_(value)
@@ -385,8 +441,10 @@ def _untracked_write(what):
 # ---------------------------------------------------------------------------------------
 
 def run_with_duals(fn, args, kwargs, targs, tkwargs):
-    """Call ``fn`` with Dual-wrapped arguments under a DualMode; return (out, tangent_out),
-    both mirroring fn's output (tangent leaves None where zero)."""
+    """Call ``fn`` with Dual-wrapped arguments under a DualMode of a new innermost level;
+    return (out, tangent_out), both mirroring fn's output (tangent leaves None where zero).
+    Arguments may be Duals of enclosing levels: they are wrapped again, and come back out
+    still carrying their own levels' tangents (nested differentiation)."""
     chunk = None
     for t in pytree.tree_leaves((targs, tkwargs)):
         if isinstance(t, torch.Tensor):
@@ -395,28 +453,33 @@ def run_with_duals(fn, args, kwargs, targs, tkwargs):
     if chunk is None:
         return fn(*args, **kwargs), None
 
-    def wrap(p, t):
-        if isinstance(p, torch.Tensor) and not isinstance(p, Dual):
-            return Dual(p, t, chunk=chunk)
-        return p
+    with entered_level() as level:
+        def wrap(p, t):
+            if isinstance(p, torch.Tensor):
+                return Dual(p, t, chunk=chunk, level=level)
+            return p
 
-    def wrap_tree(ps, ts):
-        if isinstance(ps, (list, tuple)):
-            ts = ts if ts is not None else [None] * len(ps)
-            return type(ps)(wrap_tree(p, t) for p, t in zip(ps, ts))
-        if isinstance(ps, dict):
-            return {k: wrap_tree(v, (ts or {}).get(k)) for k, v in ps.items()}
-        return wrap(ps, ts)
+        def wrap_tree(ps, ts):
+            if isinstance(ps, (list, tuple)):
+                ts = ts if ts is not None else [None] * len(ps)
+                return type(ps)(wrap_tree(p, t) for p, t in zip(ps, ts))
+            if isinstance(ps, dict):
+                return {k: wrap_tree(v, (ts or {}).get(k)) for k, v in ps.items()}
+            return wrap(ps, ts)
 
-    dargs = wrap_tree(tuple(args), tuple(targs))
-    dkwargs = wrap_tree(dict(kwargs), dict(tkwargs))
-    with DualMode(chunk):
-        out = fn(*dargs, **dkwargs)
-    return unwrap_tree(out)
+        dargs = wrap_tree(tuple(args), tuple(targs))
+        dkwargs = wrap_tree(dict(kwargs), dict(tkwargs))
+        with DualMode(chunk, level):
+            out = fn(*dargs, **dkwargs)
+        return unwrap_tree(out, level)
 
 
-def unwrap_tree(out):
+def unwrap_tree(out, level=None):
+    """(primals, tangents) of a pytree of Duals of ``level`` (default: the innermost level
+    among its leaves); other leaves are primals with no tangent."""
     flat, spec = pytree.tree_flatten(out)
-    prim = [x.primal if isinstance(x, Dual) else x for x in flat]
-    tan = [x.tangent if isinstance(x, Dual) else None for x in flat]
+    if level is None:
+        level = max((x._level for x in flat if isinstance(x, Dual)), default=0)
+    prim = [x.primal if _mine(x, level) else x for x in flat]
+    tan = [x.tangent if _mine(x, level) else None for x in flat]
     return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(tan, spec)

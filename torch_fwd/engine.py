@@ -57,6 +57,35 @@ def user_source_line() -> str:
     return "(unknown source line)"
 
 
+class _ForAutograd(threading.local):
+    on = False
+
+
+_for_autograd = _ForAutograd()
+
+
+def for_autograd() -> bool:
+    """Whether the tangents being built will be back-propagated through (a JVP graph run
+    with grad enabled on inputs that require grad). Rules then avoid what autograd cannot
+    differentiate: statistics an op saves for its backward (autograd treats them as
+    constants), and the fused kernels (custom ops without a backward). Otherwise they may
+    reuse those, which is cheaper."""
+    return _for_autograd.on
+
+
+class building_for_autograd:
+    """Sets for_autograd() for the duration of a with-block."""
+
+    def __init__(self, on: bool):
+        self.on = bool(on)
+
+    def __enter__(self):
+        self.prev, _for_autograd.on = _for_autograd.on, self.on
+
+    def __exit__(self, *exc):
+        _for_autograd.on = self.prev
+
+
 def above_dispatch():
     """Re-enable the dispatch keys above Python (autograd, forward AD, vmap) for code run
     from inside ``__torch_dispatch__``, where PyTorch excludes them. The fallbacks (forward
@@ -121,6 +150,12 @@ def jvp_op(op, primals: tuple, tangents: tuple):
     return _fallback(op, primals, tangents)
 
 
+def without_rule(op, primals, tangents):
+    """What jvp_op does for an op without a rule (decomposition, PyTorch's forward
+    formula, double vjp): for a rule that covers only some cases of its op."""
+    return _fallback(op, primals, tangents)
+
+
 def _any_complex(primals) -> bool:
     for p in primals:
         if isinstance(p, torch.Tensor):
@@ -172,7 +207,17 @@ def _takes_schema_arguments(fn, op) -> bool:
 KNOWN_WRONG_FORWARD_AD = {aten.cholesky_inverse.default}
 
 
+def _returns_no_tensor(op) -> bool:
+    """Ops answering a question about their arguments (_has_same_storage_numel,
+    is_same_size): a bool or int has no tangent. (Not numbers from tensors, .item():
+    those have rules that say so.)"""
+    return isinstance(op, OpOverload) and all(
+        r.type.kind() in ("BoolType", "IntType") for r in op._schema.returns) and bool(op._schema.returns)
+
+
 def _fallback(op, primals, tangents):
+    if _returns_no_tensor(op):
+        return call_op(op, primals), None
     decomp = _decomposition(op)
     if decomp is not None:
         try:
@@ -242,6 +287,15 @@ def _forward_ad(op, primals, tangents):
     """PyTorch's own forward formula for this single op, one chunk direction at a time
     (a fallback: correct, not fast). Returns None when PyTorch has no formula."""
     from torch.autograd import forward_ad as fwAD
+    if fwAD._current_level >= 0:
+        # PyTorch allows one forward-AD level at a time: this op runs inside an inner
+        # level's forward-AD fallback; the double-vjp identity serves instead
+        return None
+    if _holds_dual(primals):
+        # an enclosing level's Duals (nested jvp): PyTorch's forward AD on a tensor
+        # subclass is unsupported (it crashed the process on scatter with reduce), so an
+        # op without a rule or decomposition is a loud NoRuleError at second order
+        return None
     slots = _active_slots(primals, tangents)
     k = _get(tangents, slots[0]).shape[0]
     out = None
@@ -290,9 +344,15 @@ def _has_backward(op) -> bool:
         return False
 
 
+def _holds_dual(primals) -> bool:
+    from .dual import Dual
+    return any(isinstance(x, Dual) for x in pytree.tree_leaves(primals))
+
+
 def _double_vjp(op, primals, tangents):
     """J v = d/du <J^T u, v>: two reverse passes, exact; for ops with only a backward."""
-    if not _has_backward(op):
+    if not _has_backward(op) or _holds_dual(primals):
+        # (on an enclosing level's Duals, detach() would drop that level's tangents)
         return None
     slots = _active_slots(primals, tangents)
     with above_dispatch(), torch.enable_grad():

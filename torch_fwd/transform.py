@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from . import engine
-from .dual import Dual, DualMode, is_view
+from .dual import Dual, DualMode, entered_level, is_view, unwrap_tree
 from .tangent import zeros_tangent
 
 __all__ = ["JVPGraph", "build_jvp_graph"]
@@ -120,6 +120,10 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
     record: dict = {}
 
     def jvp_fn(*flat):
+        with entered_level() as level:
+            return _jvp_fn(level, *flat)
+
+    def _jvp_fn(level, *flat):
         n = len(active_inputs)
         primals, tans = flat[:n], iter(flat[n:])
         duals = []
@@ -132,17 +136,17 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
             t = next(tans)
             if i in mutated:
                 t = t.clone()  # never write into the caller's tangent
-            duals.append(Dual(p, t, chunk=chunk))
-        with DualMode(chunk):
+            duals.append(Dual(p, t, chunk=chunk, level=level))
+        with DualMode(chunk, level):
             outs = _SourceInterpreter(aten_gm).run(*duals)
         outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
-        prim = [o.primal if isinstance(o, Dual) else o for o in outs]
-        touts = [o.tangent if isinstance(o, Dual) else None for o in outs]
+        prim, touts = unwrap_tree(outs, level)
         if zeros_for_inactive:
             touts = [t if t is not None or not isinstance(p, torch.Tensor) else zeros_tangent(p, chunk)
                      for t, p in zip(touts, prim)]
         record["active_outputs"] = tuple(t is not None for t in touts)
-        mut = [duals[i].tangent if isinstance(duals[i], Dual) else None for i in mutated]
+        mut = [duals[i].tangent if isinstance(duals[i], Dual) and duals[i]._level == level else None
+               for i in mutated]
         # a mutated input whose new value has no tangent gets an explicit zero
         mut = [t if t is not None else zeros_tangent(duals[i], chunk) for t, i in zip(mut, mutated)]
         return tuple(prim) + tuple(t for t in touts if t is not None) + tuple(mut)
