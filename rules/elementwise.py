@@ -10,6 +10,7 @@ import math
 import torch
 
 from torch_fwd.combinators import elementwise, linear, unary, with_kernel, zero
+from torch_fwd.engine import for_autograd
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
 
@@ -128,8 +129,17 @@ for _op, _d in UNARY.items():
 
 reg(aten.polygamma.default, elementwise(aten.polygamma.default, None, lambda n, x, y: torch.polygamma(n + 1, x)))
 def _log_sigmoid_forward(p, t):
-    out = aten.log_sigmoid_forward.default(p[0])  # (y, buffer)
-    return out, (None if t[0] is None else t[0] * torch.sigmoid(-p[0]), None)
+    out = aten.log_sigmoid_forward.default(p[0])  # (y, buffer); on CPU buffer = exp(-|x|)
+    if t[0] is None:
+        return out, None
+    x, buffer = p[0], out[1]
+    # the buffer moves with x: log_sigmoid_backward (its decomposition) reads it, so a
+    # Hessian through that backward needs its tangent (on CUDA it is empty)
+    # (autograd treats the buffer as a constant: rebuilt when that matters)
+    if buffer.numel() and for_autograd():
+        buffer = torch.exp(-x.abs())
+    tbuf = -torch.sign(x) * buffer * t[0] if buffer.numel() else None
+    return out, (t[0] * torch.sigmoid(-x), tbuf)
 
 
 reg(aten.log_sigmoid_forward.default, _log_sigmoid_forward)
@@ -335,4 +345,7 @@ TEST_CASES = [
     # at ties maximum/minimum split the tangent evenly, which is what central differences see
     case("maximum_ties", torch.maximum, lambda: (lambda x: (x, x.clone()))(randn(5))),
     case("minimum_ties", torch.minimum, lambda: (lambda x: (x, x.clone()))(randn(5))),
+    # the saved buffer (exp(-|x|) on CPU) moves with x; torch.func gives it a zero tangent
+    case("log_sigmoid_forward_buffer", lambda x: torch.ops.aten.log_sigmoid_forward.default(x),
+         lambda: (randn(3, 4),), check_torch_func=False),
 ]

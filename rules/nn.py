@@ -488,6 +488,39 @@ reg(aten._scaled_dot_product_cudnn_attention.default,
     _sdpa_rule(aten._scaled_dot_product_cudnn_attention.default, 3, 5, 6, 9))
 
 
+def _sdpa_cpu_backward_reference(grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, attn_mask=None,
+                                 scale=None):
+    """The CPU flash attention's backward in math ops (scores recomputed; ``out`` and
+    ``logsumexp`` unused): what a Hessian through attention differentiates."""
+    if dropout_p > 0:
+        raise NotImplementedError("torch_fwd: the backward of attention with dropout cannot be differentiated: "
+                                  "its dropout mask is not reproducible")
+    hq, hk = q.shape[-3], k.shape[-3]
+    ke, ve = _expand_kv(k, hq), _expand_kv(v, hq)
+    s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ ke.transpose(-1, -2)) * s
+    if is_causal:
+        causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    P = torch.softmax(scores, dim=-1)
+    dv = P.transpose(-1, -2) @ grad_out
+    dP = grad_out @ ve.transpose(-1, -2)
+    dS = P * (dP - (P * dP).sum(-1, keepdim=True))
+    dq = (dS @ ke) * s
+    dk = (dS.transpose(-1, -2) @ q) * s
+    if hk != hq:  # grouped-query attention: each key/value head served hq // hk query heads
+        g = hq // hk
+        dk = dk.unflatten(-3, (hk, g)).sum(-3)
+        dv = dv.unflatten(-3, (hk, g)).sum(-3)
+    return dq, dk, dv
+
+
+reg(aten._scaled_dot_product_flash_attention_for_cpu_backward.default,
+    decompose_with(_sdpa_cpu_backward_reference, aten._scaled_dot_product_flash_attention_for_cpu_backward.default))
+
+
 def _mha_reference(query, key, value, embed_dim, num_heads, qkv_w, qkv_b, proj_w, proj_b, mask=None,
                    need_weights=True, average_attn_weights=True, mask_type=None):
     """nn.MultiheadAttention's fused inference fast path, in plain ops."""
@@ -594,6 +627,13 @@ TEST_CASES = [
     case("sdpa_bool_mask", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (torch.rand(5, 6) > 0.3,)),
     case("sdpa_float_mask_tangent", lambda q, k, v, m: SDPA(q, k, v, attn_mask=m), lambda: _qkv() + (randn(5, 6),)),
     case("sdpa_gqa", lambda q, k, v: SDPA(q, k, v, enable_gqa=True), lambda: _qkv(h=4, hk=2), check_torch_func=False),
+    # the backward (what a Hessian through attention differentiates), every input moving
+    case("sdpa_cpu_backward_causal", lambda g, q, k, v: aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, k, v, *aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=0.4), 0.0, True,
+        scale=0.4), lambda: (randn(2, 2, 5, 8),) + _qkv(S=5), check_torch_func=False),
+    case("sdpa_cpu_backward_mask", lambda g, q, k, v, m: aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, k, v, *aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=m), 0.0, False,
+        attn_mask=m), lambda: (randn(2, 2, 5, 8),) + _qkv(S=5) + (randn(5, 5),), check_torch_func=False),
     case("cross_entropy", lambda x: F.cross_entropy(x, torch.tensor([1, 0, 3])), lambda: (randn(3, 4),)),
     # unnormalised log_probs too: PyTorch's backward assumes a log_softmax before it
     case("linear_cross_entropy_chunked", lambda x, w, b: sum(F.linear_cross_entropy(

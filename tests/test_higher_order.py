@@ -44,6 +44,7 @@ AUTOGRAD_KNOWN = {
         "chebyshev_tensor_degree", "polynomials_at_singular_points", "hermite_laguerre_legendre",
         "shifted_chebyshev", "igamma_both_regions", "histogram_edges_weights_density",
         "histogram_given_range_and_bins")},
+    "sdpa_cpu_backward_mask": "the case moves the mask, which PyTorch's attention refuses to differentiate",
     "cumprod_zero": "PyTorch's cumprod forward formula (our fallback) has a NaN gradient at zeros",
     "as_strided_of_a_view": _PT_CONVENTION + "as_strided reaching outside its input view",
     "cholesky_nonsymmetric_direction": _PT_CONVENTION + "cholesky's backward assumes a symmetric perturbation",

@@ -17,9 +17,11 @@ if _os.path.isfile(_os.path.join(_root, "rules", "__init__.py")) and not _os.pat
 from .registry import NoRuleError, frule, register_frule, unregister_frule
 from .dual import Dual
 from .api import jvp, jacfwd, make_jvp_graph, explain, pick_chunk_size
+from .linearize import linearize
+from .hvp import hvp
 from . import rules  # noqa: F401  (fills the rule table)
 from . import testing  # noqa: F401
 
-__all__ = ["jvp", "jacfwd", "make_jvp_graph", "frule", "register_frule", "unregister_frule", "Dual",
+__all__ = ["jvp", "jacfwd", "linearize", "hvp", "make_jvp_graph", "frule", "register_frule", "unregister_frule", "Dual",
            "NoRuleError", "explain", "pick_chunk_size", "testing"]
 __version__ = "0.1.0"

@@ -100,13 +100,28 @@ def linear_vmap(op, argnum: int = 0):
     return rule
 
 
-def decompose_with(reference):
+def decompose_with(reference, op=None):
     """Ops PyTorch gives no usable decomposition (fused fast paths): ``reference(*primals)``
     computes the same thing in ops that have rules, and runs on Duals, so its tangent comes
-    from those rules (as the decomposition fallback does)."""
+    from those rules (as the decomposition fallback does). With ``op``, the primal comes
+    from the op itself and each tangent is laid out like it (code traced after the op,
+    e.g. a backward's ``view``, relies on the op's own strides)."""
     def rule(p, t):
-        from .dual import run_with_duals
-        return run_with_duals(reference, p, {}, t, {})
+        from .dual import run_with_duals, zeros_in_layout_of
+        out, tout = run_with_duals(reference, p, {}, t, {})
+        if op is None:
+            return out, tout
+        real = call_op(op, p)
+
+        def like(o, to):
+            if to is None or not isinstance(o, torch.Tensor):
+                return to
+            buf = zeros_in_layout_of(o, to.shape[0])
+            buf.copy_(to)
+            return buf
+        if isinstance(real, (tuple, list)):
+            return real, type(tout)(like(o, x) for o, x in zip(real, tout))
+        return real, like(real, tout)
     rule.__name__ = f"decompose_with_{reference.__name__}"
     return rule
 

@@ -115,7 +115,7 @@ class Dual(torch.Tensor):
             base, derive = self._view_of
             t = derive(base.ensure_tangent(chunk))
         else:
-            t = _zeros_in_layout_of(self.primal, chunk)
+            t = zeros_in_layout_of(self.primal, chunk)
         self._tangent = t
         self._chunk = chunk
         return t
@@ -147,7 +147,7 @@ class Dual(torch.Tensor):
         return dispatch(func, args, kwargs, None, level)
 
 
-def _zeros_in_layout_of(p: torch.Tensor, chunk: int) -> torch.Tensor:
+def zeros_in_layout_of(p: torch.Tensor, chunk: int) -> torch.Tensor:
     """Zeros (K, *p.shape) whose every slice has p's dimension order, so that any view the
     primal allows is also a view of the tangent (in-place writes through views rely on it)."""
     order = sorted(range(p.dim()), key=lambda d: -p.stride(d))
