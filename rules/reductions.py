@@ -68,7 +68,32 @@ def _prod_dim_rule(p, t):
     return y, (t[0] * d).sum(shift_dim(dim, x.dim()), keepdim=keepdim).to(y.dtype)
 
 
+def _cumprod_rule(p, t):
+    """dy_k = sum_{j<=k} dx_j prod_{i<j} x_i prod_{j<i<=k} x_i, without dividing (exact at
+    zeros; n^2 in the scanned dim's length n)."""
+    x, dim, dtype = p
+    y = call_op(aten.cumprod.default, p)
+    if t[0] is None:
+        return y, None
+    if x.dim() == 0:
+        return y, t[0].to(y.dtype)
+    if dtype is not None:
+        x = x.to(dtype)
+    d = dim % x.dim()
+    xm = x.movedim(d, -1)
+    n = xm.shape[-1]
+    before = torch.cat([torch.ones_like(xm[..., :1]), xm[..., :-1]], -1).cumprod(-1)  # prod_{i<j}
+    idx = torch.arange(n, device=x.device)
+    later = idx[None, :] > idx[:, None]  # [j, i]: i after j
+    after = torch.where(later, xm.unsqueeze(-2), torch.ones_like(xm).unsqueeze(-2)).cumprod(-1)
+    after = after * (idx[None, :] >= idx[:, None]).to(after.dtype)  # [j, k]: prod_{j<i<=k}, 0 for k < j
+    tm = t[0].to(xm.dtype).movedim(d + 1, -1)
+    dy = ((tm * before).unsqueeze(-1) * after).sum(-2)
+    return y, dy.movedim(-1, d + 1)
+
+
 reg(aten.prod.default, _prod_rule)
+reg(aten.cumprod.default, _cumprod_rule)
 reg(aten.prod.dim_int, _prod_dim_rule)
 
 
@@ -340,5 +365,6 @@ TEST_CASES = [
     case("logsumexp", lambda x: torch.logsumexp(x, dim=1), lambda: (randn(3, 4),)),
     case("cumsum", lambda x: torch.cumsum(x, 1), lambda: (randn(3, 4),)),
     case("cumprod", lambda x: torch.cumprod(x, 1), lambda: (randn(3, 4),)),
+    case("cumprod_dim0_dtype", lambda x: torch.cumprod(x, 0, dtype=torch.float64), lambda: (randn(4, 3),)),
     case("cumprod_zero", lambda x: torch.cumprod(x * (torch.arange(4.0, dtype=x.dtype) != 1), 1), lambda: (randn(3, 4),)),
 ]

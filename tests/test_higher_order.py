@@ -28,7 +28,7 @@ _NO_RULE = ("no rule or decomposition: the forward-AD fallback is refused on an 
 NESTED_KNOWN = {
     "maximum_ties": _KINK, "minimum_ties": _KINK,
     "bessel_j1_at_zero": _LIMIT, "polynomials_at_singular_points": _LIMIT,
-    "cumprod": _NO_RULE, "cumprod_zero": _NO_RULE, "scatter_reduce_add": _NO_RULE,
+    "scatter_reduce_add": _NO_RULE,
     "scatter_reduce_multiply": _NO_RULE, "lu_factor_wide": _NO_RULE,
     "ctc_loss": "the rule calls _ctc_loss_backward, which has no rule: a loud NoRuleError at second order",
     "ctc_loss_mean_zero_infinity": "as ctc_loss",
@@ -45,7 +45,6 @@ AUTOGRAD_KNOWN = {
         "shifted_chebyshev", "igamma_both_regions", "histogram_edges_weights_density",
         "histogram_given_range_and_bins")},
     "sdpa_cpu_backward_mask": "the case moves the mask, which PyTorch's attention refuses to differentiate",
-    "cumprod_zero": "PyTorch's cumprod forward formula (our fallback) has a NaN gradient at zeros",
     "as_strided_of_a_view": _PT_CONVENTION + "as_strided reaching outside its input view",
     "cholesky_nonsymmetric_direction": _PT_CONVENTION + "cholesky's backward assumes a symmetric perturbation",
     "cholesky_upper_nonsymmetric_direction": _PT_CONVENTION + "as cholesky_nonsymmetric_direction",
