@@ -55,6 +55,33 @@ def _caused_by_nested_jvp(e) -> bool:
     return False
 
 
+_import_lock = threading.Lock()
+_imported = False
+
+#: Held while make_fx traces (to_aten, the forward-mode pass): torch.fx's tracer patches
+#: module-level state (CURRENT_PATCHER, node-meta preservation) that concurrent traces would
+#: trample. Traces happen once per signature; running a traced graph takes no lock.
+TRACE_LOCK = threading.RLock()
+
+
+def ensure_compiler_imported():
+    """Import dynamo, inductor's config and make_fx's machinery once, under a lock. They are
+    imported lazily (a second that ``import torch_fwd`` need not pay); first used from
+    several threads at once, their circular imports deadlock or see half-initialised
+    modules."""
+    global _imported
+    if _imported:
+        return
+    with _import_lock:
+        if not _imported:
+            import torch._dynamo  # noqa: F401
+            import torch._inductor.config  # noqa: F401
+            import torch._subclasses.fake_tensor  # noqa: F401
+            import torch.fx.experimental.proxy_tensor  # noqa: F401
+            import torch.fx.passes.dialect.common.cse_pass  # noqa: F401
+            _imported = True
+
+
 def to_aten(fn, args, functionalize: bool = True) -> fx.GraphModule:
     """ATen graph of ``fn`` (functionalized), each node keeping the user's stack trace: for
     a GraphModule from dynamo, its nodes' traces carry over (fx.traceback.preserve_node_meta
@@ -65,6 +92,12 @@ def to_aten(fn, args, functionalize: bool = True) -> fx.GraphModule:
     bypass functionalization (make_fx would record the input as a constant). The forward
     pass handles mutations itself, as the eager path does."""
     # (imported here: make_fx pulls in dynamo, ~1 s that `import torch_fwd` need not pay)
+    ensure_compiler_imported()
+    with TRACE_LOCK:
+        return _to_aten(fn, args, functionalize)
+
+
+def _to_aten(fn, args, functionalize):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     import torch.fx.traceback as fx_traceback
@@ -178,6 +211,7 @@ class GuardedCapture:
     """One per user function: dynamo's guarded cache around our backend."""
 
     def __init__(self, fn):
+        ensure_compiler_imported()
         self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
         self.failed_keys: dict = {}  # signature -> (message, nested_jvp): why its capture failed
 
@@ -198,7 +232,9 @@ class GuardedCapture:
         ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}
         ch.chunk, ch.results, ch.ran = chunk, {}, 0
         try:
-            with _DYNAMO_SETTINGS():
+            # under TRACE_LOCK: while another thread's make_fx traces, torch.fx's global
+            # "tracing" flag makes dynamo refuse to run a compiled function
+            with TRACE_LOCK, _DYNAMO_SETTINGS():
                 out = self.compiled(*args)
             if ch.ran == 0:
                 # Nothing compiled ran (an empty graph, or dynamo declined): the eager

@@ -283,11 +283,19 @@ def _no_overlap(p):
     return p.contiguous() if torch._debug_has_internal_overlap(p) == 1 else p
 
 
+class _FwADState(threading.local):
+    active = False
+
+
+_fwad_state = _FwADState()
+# PyTorch's forward-AD level is process-wide, not per thread: one thread at a time.
+_FWAD_LOCK = threading.Lock()
+
+
 def _forward_ad(op, primals, tangents):
     """PyTorch's own forward formula for this single op, one chunk direction at a time
     (a fallback: correct, not fast). Returns None when PyTorch has no formula."""
-    from torch.autograd import forward_ad as fwAD
-    if fwAD._current_level >= 0:
+    if _fwad_state.active:
         # PyTorch allows one forward-AD level at a time: this op runs inside an inner
         # level's forward-AD fallback; the double-vjp identity serves instead
         return None
@@ -296,6 +304,16 @@ def _forward_ad(op, primals, tangents):
         # subclass is unsupported (it crashed the process on scatter with reduce), so an
         # op without a rule or decomposition is a loud NoRuleError at second order
         return None
+    with _FWAD_LOCK:
+        _fwad_state.active = True
+        try:
+            return _forward_ad_unlocked(op, primals, tangents)
+        finally:
+            _fwad_state.active = False
+
+
+def _forward_ad_unlocked(op, primals, tangents):
+    from torch.autograd import forward_ad as fwAD
     slots = _active_slots(primals, tangents)
     k = _get(tangents, slots[0]).shape[0]
     out = None

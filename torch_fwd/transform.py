@@ -113,6 +113,13 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
     ``example_inputs`` may be real or fake tensors; tracing uses fake tensors. Raises
     whatever the rules raise (NoRuleError names the op and the user's source line).
     """
+    from .capture import TRACE_LOCK, ensure_compiler_imported
+    ensure_compiler_imported()
+    with TRACE_LOCK:
+        return _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_inactive)
+
+
+def _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_inactive):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     active_inputs = tuple(bool(a) for a in active_inputs)
