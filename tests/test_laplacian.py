@@ -86,3 +86,17 @@ def test_errors():
         torch_fwd.laplacian(lambda x: x.sum(), x, batch_dims=1)
     with pytest.raises(RuntimeError, match="could not be traced"):
         torch_fwd.laplacian(lambda x: x.sin() if x.sum() > 0 else x.cos(), x)
+
+
+def test_reused_capture_is_guarded():
+    state = {"scale": 2.0, "w": torch.ones(3, dtype=D)}
+
+    def f(x):
+        return (x * x * state["w"]).sum(-1) * state["scale"]
+    x = rand(4, 3)
+    torch.testing.assert_close(torch_fwd.laplacian(f, x, batch_dims=1), torch.full((4,), 12.0, dtype=D))
+    state["scale"] = 3.0
+    torch.testing.assert_close(torch_fwd.laplacian(f, x, batch_dims=1), torch.full((4,), 18.0, dtype=D))
+    state["w"] = torch.tensor([1.0, 0.0, 2.0], dtype=D)
+    torch.testing.assert_close(torch_fwd.laplacian(f, x, batch_dims=1), torch.full((4,), 18.0, dtype=D))
+    torch.testing.assert_close(torch_fwd.laplacian(f, rand(2, 5, 3), batch_dims=2), torch.full((2, 5), 18.0, dtype=D))

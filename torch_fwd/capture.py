@@ -130,6 +130,8 @@ class _Channel(threading.local):
         self.chunk = None
         self.results = None   # id(tensor) -> tangent
         self.ran = 0
+        # instead of a JVP graph: interpret(aten_gm, args, channel) -> outputs (laplacian)
+        self.interpret = None
 
 
 _channel = _Channel()
@@ -154,6 +156,15 @@ class _CompiledGraph:
         if ch.tangents is None:
             # called outside torch_fwd.jvp: the primal function
             return self.torch_gm(*args)
+        if ch.interpret is not None:
+            with self.lock:
+                try:
+                    gm = self._aten(args)
+                except Exception as e:  # noqa: BLE001
+                    raise CaptureFailed(str(e)) from e
+            outs = ch.interpret(gm, args, ch)
+            ch.ran += 1
+            return outs
         tangents = [ch.tangents.get(id(a)) if isinstance(a, torch.Tensor) else None for a in args]
         # a graph whose outputs autograd will differentiate is built with rules autograd
         # can differentiate (engine.for_autograd); dynamo guards on grad mode and on
@@ -215,9 +226,10 @@ class GuardedCapture:
         self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
         self.failed_keys: dict = {}  # signature -> (message, nested_jvp): why its capture failed
 
-    def run(self, args, flat_primals, flat_tangents, chunk, key_fn):
+    def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None):
         """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
-        (output, {id(tensor): tangent}) or raises CaptureFailed."""
+        (output, {id(tensor): tangent}) or raises CaptureFailed. ``interpret``: run each
+        captured ATen graph with it instead of building a JVP graph (see _Channel)."""
         # the signature is only computed once something has failed for this function
         if self.failed_keys:
             why = self.failed_keys.get(key_fn())
@@ -230,7 +242,7 @@ class GuardedCapture:
             # one tensor passed twice with two tangents: identity cannot tell them apart
             raise CaptureFailed("the same tensor object is passed as two primals")
         ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}
-        ch.chunk, ch.results, ch.ran = chunk, {}, 0
+        ch.chunk, ch.results, ch.ran, ch.interpret = chunk, {}, 0, interpret
         try:
             # under TRACE_LOCK: while another thread's make_fx traces, torch.fx's global
             # "tracing" flag makes dynamo refuse to run a compiled function
@@ -252,4 +264,4 @@ class GuardedCapture:
             self.failed_keys[key_fn()] = why
             raise CaptureFailed(*why) from e
         finally:
-            ch.tangents = ch.results = ch.chunk = None
+            ch.tangents = ch.results = ch.chunk = ch.interpret = None

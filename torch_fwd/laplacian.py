@@ -123,8 +123,8 @@ def _sum_over(f, args, positions, blocks):
         V = tuple(_get(args, p).V[start:start + blocks] for p in positions)
 
         def first(*z):
-            return jvp(call, z, V, chunked=True)[1]
-        M = jvp(first, acts, V, chunked=True)[1]  # (outer, inner, *out)
+            return jvp(call, z, V, chunked=True, path="eager")[1]
+        M = jvp(first, acts, V, chunked=True, path="eager")[1]  # (outer, inner, *out)
         diag = pytree.tree_map(lambda m: m.diagonal(dim1=0, dim2=1).sum(-1), M)
         total = diag if total is None else pytree.tree_map(torch.add, total, diag)
     return total
@@ -144,8 +144,8 @@ def _pointwise_second(op, args, positions, out):
         eb = tuple(torch.ones_like(x) if i == b else torch.zeros_like(x) for i, x in enumerate(acts))
 
         def first(*z):
-            return jvp(call, z, ea)[1]
-        fab = jvp(first, acts, eb)[1]
+            return jvp(call, z, ea, path="eager")[1]
+        fab = jvp(first, acts, eb, path="eager")[1]
         Va, Vb = _get(args, positions[a]).V, _get(args, positions[b]).V
         d = Va.shape[0]
         shape = (d,) + tuple(out.shape)
@@ -213,9 +213,9 @@ def _run_op(op, args):
     return pack(out, tout, second)
 
 
-def _interpret(gm: fx.GraphModule, x_taylor):
+def _interpret(gm: fx.GraphModule, inputs):
     env = {}
-    placeholders = iter([x_taylor])
+    placeholders = iter(inputs)
     for n in gm.graph.nodes:
         if n.op == "placeholder":
             env[n] = next(placeholders)
@@ -239,6 +239,41 @@ def _interpret(gm: fx.GraphModule, x_taylor):
     raise RuntimeError("laplacian: graph without output")
 
 
+def _guarded(func, x, V):
+    """Through jvp's dynamo-guarded capture of ``func`` (reused while its guards hold),
+    each captured ATen graph interpreted with Taylor values; None where that cannot serve
+    (a graph break, an output dynamo builds outside the graph)."""
+    from .api import _capture_for
+    from .capture import CaptureFailed
+
+    def interpret(gm, args, ch):
+        outs = _interpret(gm, [_Taylor(a, V, None) if isinstance(a, torch.Tensor) and id(a) in ch.tangents
+                               else a for a in args])
+        outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+        for o in outs:
+            if _mark(o):
+                ch.results[id(o.value)] = o
+        return [o.value if _mark(o) else o for o in outs]
+    try:
+        out, results = _capture_for(func).run((x,), [x], [V], V.shape[0],
+                                              lambda: ("laplacian", tuple(x.shape), x.dtype, x.stride()),
+                                              interpret=interpret)
+    except CaptureFailed:
+        return None
+    if not isinstance(out, torch.Tensor) or id(out) not in results:
+        return None
+    return results[id(out)]
+
+
+def _traced_once(func, x, V):
+    try:
+        gm = to_aten(func, [x])
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"laplacian: func could not be traced ({type(e).__name__}: {e}); it must be "
+                           f"capturable by make_fx (no data-dependent control flow)") from e
+    return _interpret(gm, [_Taylor(x, V, None)])
+
+
 def laplacian(func, x, *, batch_dims: int = 0, return_gradient: bool = False):
     """The Laplacian of ``func`` with respect to ``x``: for every element of ``func(x)``,
     the sum of its second derivatives along each coordinate of its point.
@@ -248,7 +283,8 @@ def laplacian(func, x, *, batch_dims: int = 0, return_gradient: bool = False):
     and the output's leading dims must be the same batch dims. With ``batch_dims=0`` all of
     ``x`` is one point. Returns the Laplacian, shaped like ``func(x)``, and with
     ``return_gradient=True`` also the gradient, shaped ``(*func(x).shape, *coordinates)``.
-    ``func`` is traced once with make_fx (no data-dependent control flow).
+    ``func`` is captured as for ``jvp``'s graph path (dynamo, guarded and reused; make_fx
+    where dynamo cannot): it must have no data-dependent control flow.
     """
     if not callable(func):
         raise TypeError(f"laplacian: func must be callable, got {type(func).__name__}")
@@ -263,18 +299,13 @@ def laplacian(func, x, *, batch_dims: int = 0, return_gradient: bool = False):
     for s in coords:
         d *= s
 
-    def traced(z):
-        return func(z)
+    # directions: the identity over the coordinates, the same for every point (expanded)
+    eye = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d,) + (1,) * batch_dims + coords)
+    V = eye.expand((d,) + tuple(x.shape))
     with torch.no_grad():
-        try:
-            gm = to_aten(traced, [x])
-        except Exception as e:  # noqa: BLE001
-            raise RuntimeError(f"laplacian: func could not be traced ({type(e).__name__}: {e}); it must be "
-                               f"capturable by make_fx (no data-dependent control flow)") from e
-        # directions: the identity over the coordinates, the same for every point (expanded)
-        eye = torch.eye(d, dtype=x.dtype, device=x.device).reshape((d,) + (1,) * batch_dims + coords)
-        V = eye.expand((d,) + tuple(x.shape))
-        out = _interpret(gm, _Taylor(x, V, None))
+        out = _guarded(func, x, V)
+        if out is None:
+            out = _traced_once(func, x, V)
     out = out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
     if isinstance(out, (tuple, list)):
         raise TypeError("laplacian: func must return one tensor")
