@@ -149,7 +149,7 @@ def test_errors():
         torch_fwd.hvp(torch.sin, (x,), (x,))
     with pytest.raises(ValueError, match="shape"):
         torch_fwd.hvp(lambda x: x.sum(), (x,), (rand(4),))
-    with pytest.raises(TypeError, match="tuples"):
+    with pytest.raises(TypeError, match="must be a tuple"):
         torch_fwd.hvp(lambda x: x.sum(), x, x)
     with pytest.raises(NotImplementedError, match="detach"):
         torch_fwd.hvp(lambda x: (x * x.detach()).sum(), (x,), (x,))

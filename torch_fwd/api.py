@@ -34,43 +34,46 @@ def explain() -> str | None:
 # argument checking
 # ---------------------------------------------------------------------------------------
 
-def _check(primals, tangents, chunked):
+def _check(primals, tangents, chunked, name="jvp"):
+    """Validate (primals, tangents) as jvp takes them; ``name`` starts the messages (hvp,
+    linearize's jvp_fn check theirs here too). Returns (flat primals, flat tangents,
+    spec, K)."""
     if not isinstance(primals, tuple):
-        raise TypeError(f"jvp: primals must be a tuple (func is called as func(*primals)), got {type(primals).__name__}")
+        raise TypeError(f"{name}: primals must be a tuple (func is called as func(*primals)), got {type(primals).__name__}")
     if not isinstance(tangents, tuple):
-        raise TypeError(f"jvp: tangents must be a tuple matching primals, got {type(tangents).__name__}")
+        raise TypeError(f"{name}: tangents must be a tuple matching primals, got {type(tangents).__name__}")
     flat_p, spec_p = pytree.tree_flatten(primals)
     flat_t, spec_t = pytree.tree_flatten(tangents)
     if spec_p != spec_t:
-        raise ValueError(f"jvp: tangents have a different pytree structure than primals:\n"
+        raise ValueError(f"{name}: tangents have a different pytree structure than primals:\n"
                          f"  primals:  {spec_p}\n  tangents: {spec_t}")
     chunk = None
     for i, (p, t) in enumerate(zip(flat_p, flat_t)):
         where = f"primal leaf {i}"
         if not isinstance(p, torch.Tensor):
-            raise TypeError(f"jvp: {where} is a {type(p).__name__}; primals must be tensors "
+            raise TypeError(f"{name}: {where} is a {type(p).__name__}; primals must be tensors "
                             f"(pass other values through a closure or functools.partial)")
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"jvp: the tangent of {where} is a {type(t).__name__}, expected a Tensor")
+            raise TypeError(f"{name}: the tangent of {where} is a {type(t).__name__}, expected a Tensor")
         if not (p.is_floating_point() or p.is_complex()):
-            raise ValueError(f"jvp: {where} has dtype {p.dtype}; only floating or complex primals have tangents")
+            raise ValueError(f"{name}: {where} has dtype {p.dtype}; only floating or complex primals have tangents")
         if t.dtype != p.dtype:
-            raise TypeError(f"jvp: the tangent of {where} has dtype {t.dtype}, its primal {p.dtype}")
+            raise TypeError(f"{name}: the tangent of {where} has dtype {t.dtype}, its primal {p.dtype}")
         if t.device != p.device:
-            raise ValueError(f"jvp: the tangent of {where} is on {t.device}, its primal on {p.device}")
+            raise ValueError(f"{name}: the tangent of {where} is on {t.device}, its primal on {p.device}")
         if chunked:
             if t.dim() != p.dim() + 1 or tuple(t.shape[1:]) != tuple(p.shape):
-                raise ValueError(f"jvp(chunked=True): the tangent of {where} has shape {tuple(t.shape)}; "
+                raise ValueError(f"{name}(chunked=True): the tangent of {where} has shape {tuple(t.shape)}; "
                                  f"expected (K, *{tuple(p.shape)})")
             if chunk is None:
                 chunk = t.shape[0]
             elif t.shape[0] != chunk:
-                raise ValueError(f"jvp(chunked=True): the tangent of {where} has K = {t.shape[0]}, "
+                raise ValueError(f"{name}(chunked=True): the tangent of {where} has K = {t.shape[0]}, "
                                  f"earlier tangents K = {chunk}; every tangent needs the same K")
         elif tuple(t.shape) != tuple(p.shape):
-            raise ValueError(f"jvp: the tangent of {where} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
+            raise ValueError(f"{name}: the tangent of {where} has shape {tuple(t.shape)}, its primal {tuple(p.shape)}")
     if chunked and chunk == 0:
-        raise ValueError("jvp(chunked=True): K = 0 directions")
+        raise ValueError(f"{name}(chunked=True): K = 0 directions")
     return flat_p, flat_t, spec_p, chunk if chunked else 1
 
 

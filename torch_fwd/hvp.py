@@ -18,6 +18,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
+from .api import _check
 from .capture import to_aten
 from .engine import building_for_autograd
 from .transform import build_jvp_graph
@@ -39,33 +40,6 @@ class _RefuseUserDetach(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _check(primals, tangents, chunked):
-    if not isinstance(primals, tuple) or not isinstance(tangents, tuple):
-        raise TypeError("hvp: primals and tangents must be tuples (func is called as func(*primals))")
-    flat_p, spec = pytree.tree_flatten(primals)
-    flat_t, spec_t = pytree.tree_flatten(tangents)
-    if spec != spec_t:
-        raise ValueError(f"hvp: tangents have a different pytree structure than primals:\n"
-                         f"  primals:  {spec}\n  tangents: {spec_t}")
-    k = None
-    for i, (p, t) in enumerate(zip(flat_p, flat_t)):
-        if not isinstance(p, torch.Tensor) or not p.is_floating_point():
-            raise TypeError(f"hvp: primal leaf {i} must be a floating tensor, got "
-                            f"{p.dtype if isinstance(p, torch.Tensor) else type(p).__name__}")
-        if not isinstance(t, torch.Tensor) or t.dtype != p.dtype or t.device != p.device:
-            raise TypeError(f"hvp: tangent leaf {i} must be a tensor of its primal's dtype {p.dtype} and device")
-        want = tuple(p.shape)
-        got = tuple(t.shape[1:]) if chunked else tuple(t.shape)
-        if got != want or (chunked and t.dim() != p.dim() + 1):
-            raise ValueError(f"hvp: tangent leaf {i} has shape {tuple(t.shape)}, expected "
-                             f"{'(K, *' + str(want) + ')' if chunked else want}")
-        if chunked:
-            if k is not None and t.shape[0] != k:
-                raise ValueError(f"hvp(chunked=True): tangent leaf {i} has K = {t.shape[0]}, earlier ones K = {k}")
-            k = t.shape[0]
-    return flat_p, flat_t, spec, (k if chunked else 1)
-
-
 def _detach_to_alias(gm: fx.GraphModule) -> fx.GraphModule:
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is aten.detach.default:
@@ -83,7 +57,7 @@ def hvp(func, primals, tangents, *, chunked=False):
     """
     if not callable(func):
         raise TypeError(f"hvp: func must be callable, got {type(func).__name__}")
-    flat_p, flat_t, spec, k = _check(primals, tangents, chunked)
+    flat_p, flat_t, spec, k = _check(primals, tangents, chunked, name="hvp")
     n = len(flat_p)
 
     def grad_fn(*flat):

@@ -24,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from . import registry
 from .capture import to_aten
-from .engine import jvp_op
+from .engine import _get, _substitute, jvp_op  # (i, j) argument slots, as the fallbacks use
 
 __all__ = ["laplacian"]
 
@@ -80,22 +80,6 @@ def _active_positions(args):
         elif isinstance(a, (list, tuple)):
             pos.extend((i, j) for j, x in enumerate(a) if _mark(x))
     return pos
-
-
-def _get(args, pos):
-    i, j = pos
-    return args[i] if j is None else args[i][j]
-
-
-def _substitute(args, positions, values):
-    out = [list(a) if isinstance(a, (list, tuple)) else a for a in args]
-    for (i, j), v in zip(positions, values):
-        if j is None:
-            out[i] = v
-        else:
-            out[i][j] = v
-    return tuple(type(args[i])(a) if isinstance(a, list) and isinstance(args[i], (list, tuple)) else a
-                 for i, a in enumerate(out))
 
 
 def _value(a):

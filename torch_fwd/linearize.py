@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from .api import _check
 from .capture import to_aten
 from .engine import building_for_autograd
 from .dual import is_view
@@ -114,10 +115,9 @@ def split_jvp_graph(gm: fx.GraphModule, n_primals: int, n_out: int):
 class _Linearized:
     """What ``linearize`` returns as ``jvp_fn``."""
 
-    def __init__(self, func, flat_p, spec, aten_gm, out_spec, n_tensor_out, for_autograd):
+    def __init__(self, flat_p, spec, aten_gm, out_spec, for_autograd):
         self._flat_p, self._spec = flat_p, spec
-        self._aten_gm, self._out_spec, self._n_out = aten_gm, out_spec, n_tensor_out
-        self._active = [p.is_floating_point() or p.is_complex() for p in flat_p]
+        self._aten_gm, self._out_spec = aten_gm, out_spec
         self._for_autograd = for_autograd
         self._per_k: dict = {}  # K -> (tangent_gm, residuals, active output mask)
         self._lock = threading.Lock()
@@ -128,7 +128,7 @@ class _Linearized:
             entry = self._per_k.get(k)
             if entry is None:
                 with building_for_autograd(self._for_autograd):
-                    jg = build_jvp_graph(self._aten_gm, self._flat_p, self._active, k)
+                    jg = build_jvp_graph(self._aten_gm, self._flat_p, [True] * len(self._flat_p), k)
                 n_out = len(jg.active_outputs)
                 primal_gm, tangent_gm = split_jvp_graph(jg.gm, len(self._flat_p), n_out)
                 res = primal_gm(*self._flat_p)
@@ -139,30 +139,10 @@ class _Linearized:
             return entry
 
     def __call__(self, *tangents, chunked=False):
-        flat_t, spec_t = pytree.tree_flatten(tangents)
-        if spec_t != self._spec:
-            raise ValueError(f"linearize's jvp_fn: tangents have a different pytree structure than the primals:\n"
-                             f"  primals:  {self._spec}\n  tangents: {spec_t}")
-        k = None
-        for i, (p, t) in enumerate(zip(self._flat_p, flat_t)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"linearize's jvp_fn: tangent {i} is a {type(t).__name__}, expected a Tensor")
-            if t.dtype != p.dtype or t.device != p.device:
-                raise TypeError(f"linearize's jvp_fn: tangent {i} is {t.dtype} on {t.device}; its primal "
-                                f"{p.dtype} on {p.device}")
-            want = tuple(p.shape) if not chunked else (t.shape[0],) + tuple(p.shape)
-            if tuple(t.shape) != want or (chunked and t.dim() == 0):
-                raise ValueError(f"linearize's jvp_fn: tangent {i} has shape {tuple(t.shape)}, expected "
-                                 f"{'(K, *' + str(tuple(p.shape)) + ')' if chunked else tuple(p.shape)}")
-            if chunked:
-                if k is None:
-                    k = t.shape[0]
-                elif t.shape[0] != k:
-                    raise ValueError(f"linearize's jvp_fn(chunked=True): tangent {i} has K = {t.shape[0]}, "
-                                     f"earlier ones K = {k}")
-        k = 1 if not chunked else (k if k is not None else 1)
+        primals = pytree.tree_unflatten(self._flat_p, self._spec)
+        _, flat_t, _, k = _check(primals, tangents, chunked, name="linearize's jvp_fn")
         tangent_gm, residuals, active_outputs = self._for_chunk(k)
-        ts = [(t if chunked else t.unsqueeze(0)).contiguous() for t, a in zip(flat_t, self._active) if a]
+        ts = [(t if chunked else t.unsqueeze(0)).contiguous() for t in flat_t]
         touts = iter(tangent_gm(*residuals, *ts))
         flat = []
         for o, active in zip(self.output, active_outputs):
@@ -180,10 +160,7 @@ def linearize(func, *primals):
     """
     if not callable(func):
         raise TypeError(f"linearize: func must be callable, got {type(func).__name__}")
-    flat_p, spec = pytree.tree_flatten(primals)
-    for i, p in enumerate(flat_p):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"linearize: primal leaf {i} is a {type(p).__name__}; primals must be tensors")
+    flat_p, _, spec, _ = _check(primals, primals, False, name="linearize")  # floating tensors
     box = {}
 
     def flat_fn(*flat):
@@ -203,6 +180,6 @@ def linearize(func, *primals):
         raise RuntimeError(f"linearize: the function could not be traced at these primals ({type(e).__name__}: "
                            f"{e}). linearize needs a capturable function; torch_fwd.jvp runs any function") from e
     grad = torch.is_grad_enabled() and any(p.requires_grad for p in flat_p)
-    lin = _Linearized(func, flat_p, spec, aten_gm, box["spec"], None, grad)
+    lin = _Linearized(flat_p, spec, aten_gm, box["spec"], grad)
     lin._for_chunk(1)  # the primal part runs here, once
     return pytree.tree_unflatten(list(lin.output), box["spec"]), lin
