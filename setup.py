@@ -22,7 +22,9 @@ setup(
     extras_require={
         # expecttest: PyTorch's OpInfo database (tests/test_opinfo.py, benchmarks.coverage) imports it
         # triton: the kernels' tests (Triton's interpreter without a GPU)
-        "test": ["pytest>=8", "pytest-xdist>=3", "numpy", "expecttest", "triton"],
+        # transformers: real architectures built from configs in tests/test_module.py (pinned:
+        # its modelling code changes between releases)
+        "test": ["pytest>=8", "pytest-xdist>=3", "numpy", "expecttest", "triton", "transformers==5.24.0"],
         "bench": ["numpy", "matplotlib", "expecttest"],
     },
 )

@@ -20,9 +20,10 @@ from .api import jvp, jacfwd, make_jvp_graph, explain, pick_chunk_size
 from .linearize import linearize
 from .hvp import hvp
 from .laplacian import laplacian
+from .module import JVP
 from . import rules  # noqa: F401  (fills the rule table)
 from . import testing  # noqa: F401
 
-__all__ = ["jvp", "jacfwd", "linearize", "hvp", "laplacian", "make_jvp_graph", "frule", "register_frule", "unregister_frule", "Dual",
+__all__ = ["jvp", "jacfwd", "linearize", "hvp", "laplacian", "JVP", "make_jvp_graph", "frule", "register_frule", "unregister_frule", "Dual",
            "NoRuleError", "explain", "pick_chunk_size", "testing"]
 __version__ = "0.1.0"
