@@ -9,11 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def time_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of a (B,) time, as in DiT."""
+def time_embedding(t: torch.Tensor, dim: int, scale: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal embedding of a (B,) time, as in DiT (which scales t in [0, 1] by 1000)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=t.dtype, device=t.device) / half)
-    angles = t[:, None] * 1000.0 * freqs[None]
+    angles = t[:, None] * scale * freqs[None]
     return torch.cat([torch.cos(angles), torch.sin(angles)], -1)
 
 
@@ -22,9 +22,9 @@ class DiTBlock(nn.Module):
     shift, scale and gate come from the time embedding (adaLN-Zero, gates not zeroed here
     so that every path moves). Input x: (B, L, dim), t: (B,)."""
 
-    def __init__(self, dim=32, heads=4):
+    def __init__(self, dim=32, heads=4, t_scale=1000.0):
         super().__init__()
-        self.heads = heads
+        self.heads, self.t_scale = heads, t_scale
         self.t_mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.ada = nn.Linear(dim, 6 * dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -34,7 +34,7 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, t):
         B, L, D = x.shape
-        c = self.t_mlp(time_embedding(t, D))
+        c = self.t_mlp(time_embedding(t, D, self.t_scale))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(F.silu(c)).unsqueeze(1).chunk(6, -1)
         h = F.layer_norm(x, (D,)) * (1 + scale1) + shift1
         q, k, v = self.qkv(h).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
