@@ -98,7 +98,6 @@ class JVP(nn.Module):
                 if unknown:
                     raise ValueError(f"JVP: tangents for keyword arguments not passed: {unknown}")
                 kw_slots = [k for k, t in tangents.items() if t is not None]
-                tangents = dict(tangents)
             elif isinstance(tangents, (tuple, list)) and len(tangents) == len(args):
                 arg_slots = [i for i, t in enumerate(tangents) if t is not None]
             else:
