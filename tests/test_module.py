@@ -221,3 +221,17 @@ def test_errors_are_clear():
         torch_fwd.JVP(m, wrt="params")(x)
     with pytest.raises(ValueError, match="not differentiated"):
         torch_fwd.JVP(m, wrt=["0.weight"])(x, param_tangents={"2.weight": torch.zeros(3, 8, dtype=D)})
+
+
+def test_resnet_eval_mode_matches_torch_func():
+    torch.manual_seed(0)
+    net = ResNet(channels=4, classes=6).to(D)
+    with torch.no_grad():  # running statistics that are not the defaults
+        net.train()(rand(8, 1, 6, 6))
+    net.eval()
+    x, v = rand(3, 1, 6, 6), rand(3, 1, 6, 6)
+    with torch.no_grad():
+        out, t = torch_fwd.JVP(net)(x, tangents=(v,))
+        ref_out, ref = torch.func.jvp(net, (x,), (v,))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(t, ref)
