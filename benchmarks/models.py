@@ -11,24 +11,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torch_fwd
+from benchmarks.timing import median_time
 from examples.models import DiTBlock
-
-
-def _median(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _cases():
@@ -65,10 +55,10 @@ def main(argv=None):
                 ref = torch.func.jvp(f, primals, tangents)[1]
             mine = tout.last_hidden_state if hasattr(tout, "last_hidden_state") else tout
             err = (mine - ref).abs().max().item()
-            ours = _median(lambda: call(J, primals, tangents), args.repeat)
+            ours = median_time(lambda: call(J, primals, tangents), args.repeat)
             with sdpa_kernel(SDPBackend.MATH):
-                theirs = _median(lambda: torch.func.jvp(f, primals, tangents), args.repeat)
-            primal = _median(lambda: f(*primals), args.repeat)
+                theirs = median_time(lambda: torch.func.jvp(f, primals, tangents), args.repeat)
+            primal = median_time(lambda: f(*primals), args.repeat)
             rows.append({"case": name, "torch_fwd.JVP_s": ours, "torch.func.jvp_math_s": theirs, "primal_s": primal,
                          "first_call_s": first, "max_abs_diff": err, "path": torch_fwd.explain()})
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "torch": torch.__version__,

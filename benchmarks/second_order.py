@@ -18,23 +18,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 
 import torch_fwd
-
-
-def _median_time(fn, repeat):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from benchmarks.timing import median_time
+from examples.models import transformer_block
 
 
 def _linearize_cases():
@@ -45,17 +35,7 @@ def _linearize_cases():
         for w in W:
             x = torch.tanh(x @ w)
         return x
-    E, H = 64, 4
-    Wq, Wk, Wv, Wo = (torch.randn(E, E) / 8 for _ in range(4))
-    W1, W2 = torch.randn(E, 4 * E) / 8, torch.randn(4 * E, E) / 16
-
-    def block(x):
-        B, L, _ = x.shape
-        h = F.layer_norm(x, (E,))
-        q, k, v = ((h @ w).view(B, L, H, E // H).transpose(1, 2) for w in (Wq, Wk, Wv))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, E)
-        x = x + a @ Wo
-        return x + F.gelu(F.layer_norm(x, (E,)) @ W1) @ W2
+    block = transformer_block(64, 4)
     return [("tanh MLP 4x256, batch 64", mlp, torch.randn(64, 256)),
             ("pre-LN attention block, 4x32x64", block, torch.randn(4, 32, 64))]
 
@@ -75,11 +55,11 @@ def bench_linearize(calls, repeat):
             theirs, theirs_setup = None, f"error ({type(e).__name__})"
         torch_fwd.jvp(f, (x,), (vs[0],))  # capture once: what a user's second call sees
         row = {"case": name, "calls": calls,
-               "torch_fwd.linearize": _median_time(lambda: [ours(v) for v in vs], repeat),
-               "torch_fwd.jvp": _median_time(lambda: [torch_fwd.jvp(f, (x,), (v,)) for v in vs], repeat),
-               "torch.func.linearize": (_median_time(lambda: [theirs(v) for v in vs], repeat)
+               "torch_fwd.linearize": median_time(lambda: [ours(v) for v in vs], repeat),
+               "torch_fwd.jvp": median_time(lambda: [torch_fwd.jvp(f, (x,), (v,)) for v in vs], repeat),
+               "torch.func.linearize": (median_time(lambda: [theirs(v) for v in vs], repeat)
                                         if theirs is not None else theirs_setup),
-               "primal": _median_time(lambda: [f(x) for _ in vs], repeat),
+               "primal": median_time(lambda: [f(x) for _ in vs], repeat),
                "setup torch_fwd.linearize": ours_setup, "setup torch.func.linearize": theirs_setup}
         if theirs is not None:
             torch.testing.assert_close(ours(vs[0]), theirs(vs[0]), atol=1e-4, rtol=1e-4)
@@ -119,9 +99,9 @@ def bench_laplacian(dims, points, repeat):
         ref = hessian_trace()
         torch.testing.assert_close(ours(), ref)
         rows.append({"d": d, "points": points,
-                     "torch_fwd.laplacian": _median_time(ours, repeat),
-                     "torch.func hessian trace": _median_time(hessian_trace, repeat),
-                     "torch.func nested-jvp loop": _median_time(nested_loop, max(1, repeat // 2))})
+                     "torch_fwd.laplacian": median_time(ours, repeat),
+                     "torch.func hessian trace": median_time(hessian_trace, repeat),
+                     "torch.func nested-jvp loop": median_time(nested_loop, max(1, repeat // 2))})
     return rows
 
 

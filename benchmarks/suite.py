@@ -60,18 +60,8 @@ def _mlp_1024(device):
 
 
 def _transformer_block(device):
-    E, H = 128, 4
-    Wq, Wk, Wv, Wo = (torch.randn(E, E, device=device) / E ** 0.5 for _ in range(4))
-    W1, W2 = torch.randn(E, 4 * E, device=device) / E ** 0.5, torch.randn(4 * E, E, device=device) / (4 * E) ** 0.5
-
-    def block(x):
-        B, L, _ = x.shape
-        h = F.layer_norm(x, (E,))
-        q, k, v = ((h @ w).view(B, L, H, E // H).transpose(1, 2) for w in (Wq, Wk, Wv))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, E)
-        x = x + a @ Wo
-        return x + F.gelu(F.layer_norm(x, (E,)) @ W1) @ W2
-    return block
+    from examples.models import transformer_block
+    return transformer_block(128, 4, device)
 
 
 def _frozen(m, device):

@@ -45,6 +45,23 @@ class DiTBlock(nn.Module):
         return self.out(x)
 
 
+def transformer_block(dim, heads, device=None):
+    """A pre-LN transformer block as a function of x (B, L, dim): causal fused attention
+    (F.scaled_dot_product_attention) and a GELU MLP, weights drawn from the current seed."""
+    Wq, Wk, Wv, Wo = (torch.randn(dim, dim, device=device) / dim ** 0.5 for _ in range(4))
+    W1 = torch.randn(dim, 4 * dim, device=device) / dim ** 0.5
+    W2 = torch.randn(4 * dim, dim, device=device) / (4 * dim) ** 0.5
+
+    def block(x):
+        B, L, _ = x.shape
+        h = F.layer_norm(x, (dim,))
+        q, k, v = ((h @ w).view(B, L, heads, dim // heads).transpose(1, 2) for w in (Wq, Wk, Wv))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, dim)
+        x = x + a @ Wo
+        return x + F.gelu(F.layer_norm(x, (dim,)) @ W1) @ W2
+    return block
+
+
 class _BasicBlock(nn.Module):
     def __init__(self, c):
         super().__init__()

@@ -1,11 +1,11 @@
 """hvp: forward-over-reverse Hessian-vector products against double backward."""
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
 import torch_fwd
+from examples.models import ResNet
 
 D = torch.float64
 
@@ -71,31 +71,9 @@ def test_zero_direction_gives_zero_and_inputs_untouched():
     assert all(torch.equal(a, b) for a, b in zip(primals, before))
 
 
-class _Block(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
-
-
-class _ResNet(nn.Module):
-    def __init__(self, c=4, classes=3):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(1, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
-        self.blocks = nn.Sequential(_Block(c), _Block(c))
-        self.head = nn.Linear(c, classes)
-
-    def forward(self, x):
-        h = self.blocks(F.relu(self.bn(self.stem(x))))
-        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
-
-
 def test_resnet_with_batch_norm_in_training_mode_hutchinson():
     torch.manual_seed(0)
-    model = _ResNet().to(D).train()
+    model = ResNet(channels=4, classes=3).to(D).train()
     x, y = rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 1])
     names = [n for n, _ in model.named_parameters()]
     params = tuple(p.detach() for p in model.parameters())
