@@ -19,6 +19,8 @@ setup(
     },
     # 2.13.0's CPU build is what CI installs first (.ci/run); any later 2.x is accepted.
     install_requires=["torch>=2.13.0"],
+    # torch.compile(f, backend="torch_fwd") finds the backend here, without importing torch_fwd
+    entry_points={"torch_dynamo_backends": ["torch_fwd = torch_fwd.backend:torch_fwd_backend"]},
     extras_require={
         # expecttest: PyTorch's OpInfo database (tests/test_opinfo.py, benchmarks.coverage) imports it
         # triton: the kernels' tests (Triton's interpreter without a GPU)

@@ -101,7 +101,7 @@ def _capture_for(func):
 # jvp
 # ---------------------------------------------------------------------------------------
 
-def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
+def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", compile=False):
     """Jacobian-vector product of ``func`` at ``primals`` along ``tangents``.
 
     Same contract as ``torch.func.jvp``: returns ``(func(*primals), tangent_out)`` (plus
@@ -110,6 +110,13 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
 
     ``path``: "auto" (the graph path where dynamo captures the function exactly, else the
     eager path), "graph" (raise if it cannot be captured) or "eager".
+
+    ``compile``: True, or a dict of ``torch.compile`` arguments (``fullgraph``, ``mode``,
+    ``options``): ``func`` runs under ``torch.compile`` with the "torch_fwd" backend
+    (torch_fwd/backend.py), each captured graph's JVP compiled by Inductor, the code between
+    graph breaks carrying its tangents eagerly. A ``func`` that is itself the result of
+    ``torch.compile`` gets the same: the function it wraps is compiled with our backend
+    (its ``fullgraph`` kept).
     """
     if not callable(func):
         raise TypeError(f"jvp: func must be callable, got {type(func).__name__}")
@@ -120,6 +127,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
         # it cannot trace our dispatch mode, so the capture is refused here, loudly; the
         # enclosing jvp then runs eagerly or traces with make_fx (path="graph")
         raise NestedJvpUnderDynamo("torch_fwd.jvp cannot be captured by dynamo (a nested jvp)")
+    compile_opts = _compile_options(func, compile, path)
     flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
     nested = _inside_another_transform(flat_p, flat_t)
     # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents)
@@ -132,6 +140,8 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
         # enclosing level differentiates what it does (or make_fx records it). A graph of
         # its own would see the enclosing level's Duals it closes over as constants.
         why = "eager (inside another transform)"
+    elif compile_opts is not None:
+        out, why = _compiled(func, compile_opts, flat_p, ts, spec, chunk, has_aux)
     elif path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
@@ -161,6 +171,92 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto"):
     if not chunked:
         tres = pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, tres)
     return (res, tres, aux) if has_aux else (res, tres)
+
+
+# ---------------------------------------------------------------------------------------
+# jvp(compile=...): the torch_fwd dynamo backend
+# ---------------------------------------------------------------------------------------
+
+_COMPILE_KEYS = ("fullgraph", "mode", "options", "dynamic")
+_compiled_fns: "collections.OrderedDict" = collections.OrderedDict()
+
+
+def _compile_options(func, compile, path):
+    """torch.compile's arguments for jvp(compile=...), or None for no compilation. A func
+    that torch.compile made is compiled again, from what it wraps, with our backend."""
+    inner = getattr(func, "_torchdynamo_orig_callable", None)
+    if compile is False and inner is None:
+        return None
+    if compile is True or compile is False:
+        opts = {}
+    elif isinstance(compile, dict):
+        unknown = [k for k in compile if k not in _COMPILE_KEYS]
+        if unknown:
+            raise ValueError(f"jvp: compile takes the torch.compile arguments {list(_COMPILE_KEYS)}, got {unknown}")
+        opts = dict(compile)
+    else:
+        raise TypeError(f"jvp: compile must be True, False or a dict of torch.compile arguments, "
+                        f"got {type(compile).__name__}")
+    if path == "eager":
+        raise ValueError("jvp: path='eager' and compile cannot be combined")
+    if inner is not None and "fullgraph" not in opts:
+        ctx = getattr(func, "dynamo_ctx", None) or next(
+            (c.cell_contents for c in (getattr(func, "__closure__", None) or ())
+             if hasattr(c.cell_contents, "fullgraph")), None)
+        if getattr(ctx, "fullgraph", False):
+            opts["fullgraph"] = True
+    return opts
+
+
+def _compiled_for(func, opts):
+    from .backend import torch_fwd_backend
+    func = getattr(func, "_orig_mod", None) or getattr(func, "_torchdynamo_orig_callable", None) or func
+    key = (func, repr(sorted(opts.items())))
+    try:
+        hash(key)
+    except TypeError:
+        key = None
+    with _captures_lock:
+        cf = _compiled_fns.get(key) if key is not None else None
+        if cf is None:
+            from .capture import ensure_compiler_imported
+            ensure_compiler_imported()
+            kw = {k: v for k, v in opts.items() if k in ("fullgraph", "mode", "options", "dynamic")}
+            cf = torch.compile(func, backend=torch_fwd_backend, **kw)
+            if key is not None:
+                _compiled_fns[key] = cf
+                while len(_compiled_fns) > _CAPTURE_CACHE_SIZE:
+                    _compiled_fns.popitem(last=False)
+        elif key is not None:
+            _compiled_fns.move_to_end(key)
+        return cf
+
+
+def _compiled(func, opts, flat_p, ts, spec, chunk, has_aux):
+    """func compiled with the torch_fwd backend, called on Duals of a new level (no
+    DualMode: a dispatch mode makes dynamo skip every frame)."""
+    from .backend import compiled_regions, reset_regions
+    from .capture import _DYNAMO_SETTINGS, TRACE_LOCK
+    from .dual import entered_level, unwrap_tree
+    cf = _compiled_for(func, opts)
+    reset_regions()
+    with entered_level() as level:
+        # clone: an in-place op on an input inside func must not write into the caller's tangent
+        duals = [Dual(p, t.clone(), chunk=chunk, level=level) for p, t in zip(flat_p, ts)]
+        with TRACE_LOCK, _DYNAMO_SETTINGS():
+            raw = cf(*pytree.tree_unflatten(duals, spec))
+        raw, traw = unwrap_tree(raw, level)
+    res, aux = _split_aux(raw, has_aux)
+    tres = traw[0] if has_aux else traw
+    flat_t = pytree.tree_leaves(tres, is_leaf=lambda x: x is None)
+    n, eager = compiled_regions()
+    if not eager and n:
+        why = f"compiled ({n} region{'s' if n > 1 else ''})"
+    elif n:
+        why = f"compiled ({n} region{'s' if n > 1 else ''}; {len(eager)} ran eagerly: {'; '.join(eager)})"
+    else:
+        why = "eager (torch.compile compiled no region with tangents" + (f": {'; '.join(eager)})" if eager else ")")
+    return (res, _collect(res, lambda i, o: flat_t[i], chunk), aux), why
 
 
 def _inside_another_transform(flat_p, flat_t) -> bool:

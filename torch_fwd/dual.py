@@ -25,6 +25,7 @@ import threading
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import registry
@@ -290,14 +291,18 @@ def _inplace_view(func, args, kwargs, full, primals, level):
 
 
 def _requires_grad(*trees) -> bool:
+    """Whether a real tensor among the trees requires grad. Fake tensors compute no values
+    (dynamo propagating shapes through a region it compiles, whose JVP graph autograd does
+    see), so they never make the eager path refuse."""
     for tree in trees:
         for x in tree:
             if isinstance(x, torch.Tensor):
                 if x.requires_grad:
-                    return True
+                    return not isinstance(x, FakeTensor)
             elif isinstance(x, (list, tuple)):
-                if any(isinstance(y, torch.Tensor) and y.requires_grad for y in x):
-                    return True
+                for y in x:
+                    if isinstance(y, torch.Tensor) and y.requires_grad:
+                        return not isinstance(y, FakeTensor)
     return False
 
 

@@ -36,13 +36,16 @@ class JVP(nn.Module):
       tangent, a name that is not differentiated is an error.
     - ``chunked=True``: every tangent has a leading dimension K, and so does the output's.
     - ``path``: as for ``torch_fwd.jvp``.
+    - ``compile``: as for ``torch_fwd.jvp``: True (or torch.compile's arguments as a dict)
+      compiles the module's JVP with the "torch_fwd" backend.
 
     It is an nn.Module around the wrapped one: ``.to()``, ``.train()``/``.eval()``,
     parameters and hooks are the wrapped module's, and ``state_dict``/``load_state_dict``
     are the wrapped module's own (no key prefix), so checkpoints are interchangeable.
     """
 
-    def __init__(self, module: nn.Module, wrt="inputs", chunked: bool = False, path: str = "auto"):
+    def __init__(self, module: nn.Module, wrt="inputs", chunked: bool = False, path: str = "auto",
+                 compile=False):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"JVP: module must be an nn.Module, got {type(module).__name__}")
@@ -67,6 +70,10 @@ class JVP(nn.Module):
         self.wrt = wrt
         self.chunked = bool(chunked)
         self.path = path
+        self.compile = compile
+        if compile is not False:
+            from .api import _compile_options
+            _compile_options(None, compile, path)  # bad options fail here, not at the first call
 
     # the wrapped module's own state, without a "module." prefix
     def state_dict(self, *args, **kwargs):
@@ -151,7 +158,7 @@ class JVP(nn.Module):
         primals = (tuple(args[i] for i in arg_slots) + tuple(kwargs[k] for k in kw_slots), tuple(p_primals),
                    tuple(b for _, b in buffers))
         tans = (tuple(input_tangents), tuple(p_tangents), tuple(b_tangents))
-        out, tout = jvp(call, primals, tans, chunked=self.chunked, path=self.path)
+        out, tout = jvp(call, primals, tans, chunked=self.chunked, path=self.path, compile=self.compile)
         other = leaves_box["other"]
         n = len(out) + len(other)
         it, tit = iter(out), iter(tout)

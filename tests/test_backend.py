@@ -1,0 +1,297 @@
+"""The torch.compile backend "torch_fwd" (torch_fwd/backend.py): its results against the eager
+path, torch.func.jvp and finite differences, with and without graph breaks, K = 1 and K > 1,
+guards, the known traps, and the conveniences (jvp(compile=...), JVP(module, compile=True)).
+
+Each test compiles (Inductor, seconds per graph on these CPUs): functions are small and
+shared between tests where a recompile is not what is tested.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import torch_fwd
+from torch_fwd import Dual
+from torch_fwd.backend import compiled_regions, reset_regions, stats
+
+D = torch.float64
+
+
+def rand(*s, dtype=D):
+    return torch.randn(*s, dtype=dtype)
+
+
+def fd(f, primals, tangents, eps=1e-6):
+    """Central difference of f along the tangents (float64)."""
+    plus = f(*[p + eps * t for p, t in zip(primals, tangents)])
+    minus = f(*[p - eps * t for p, t in zip(primals, tangents)])
+    return (plus - minus) / (2 * eps)
+
+
+def smooth(x, w):
+    y = torch.sin(x) * w[0] + x.exp() * 0.1
+    return torch.tanh(y @ w).sum(-1)
+
+
+def broken(x, w):
+    y = torch.sin(x) * w[0] + x.exp() * 0.1
+    torch._dynamo.graph_break()
+    return torch.tanh(y @ w).sum(-1)
+
+
+@pytest.mark.parametrize("f", [smooth, broken], ids=["one_graph", "graph_break"])
+def test_equals_eager_path_torch_func_and_differences(f):
+    torch.manual_seed(0)
+    x, w = rand(5, 3), rand(3, 3)
+    vx, vw = rand(5, 3), rand(3, 3)
+    out, t = torch_fwd.jvp(f, (x, w), (vx, vw), compile=True)
+    assert torch_fwd.explain().startswith("compiled (" + ("1 region" if f is smooth else "2 regions"))
+    eout, et = torch_fwd.jvp(f, (x, w), (vx, vw), path="eager")
+    torch.testing.assert_close(out, eout)
+    torch.testing.assert_close(t, et)
+    torch.testing.assert_close(t, torch.func.jvp(smooth, (x, w), (vx, vw))[1])
+    torch.testing.assert_close(t, fd(smooth, (x, w), (vx, vw)), rtol=1e-6, atol=1e-6)
+    # K = 3 directions, one of them zero, w's tangents all zero (the same guards: K changes)
+    V = torch.stack([rand(5, 3), torch.zeros(5, 3, dtype=D), rand(5, 3)])
+    out, T = torch_fwd.jvp(f, (x, w), (V, torch.zeros(3, 3, 3, dtype=D)), chunked=True, compile=True)
+    assert torch_fwd.explain().startswith("compiled")
+    for k in range(3):
+        torch.testing.assert_close(T[k], torch.func.jvp(smooth, (x, w), (V[k], torch.zeros_like(w)))[1])
+    assert T[1].abs().max() == 0
+    # the primal function, compiled by the same backend, on ordinary tensors
+    cf = torch.compile(f, backend="torch_fwd")
+    torch.testing.assert_close(cf(x, w), smooth(x, w))
+
+
+def test_dual_inputs_and_guards_on_tangent_presence_K_shape_dtype():
+    def f(x, y):
+        return (x * y.cos()).exp()
+
+    cf = torch.compile(f, backend="torch_fwd")
+
+    def check(x, tx, y, ty):
+        reset_regions()
+        out = cf(Dual(x, tx), Dual(y, ty) if ty is not None else y)
+        n, eager = compiled_regions()
+        assert isinstance(out, Dual) and n == 1 and not eager
+        ref = torch_fwd.jvp(f, (x, y), (tx[0] if tx.shape[0] == 1 else tx,
+                                         torch.zeros_like(y) if ty is None else (ty[0] if ty.shape[0] == 1 else ty)),
+                            path="eager", chunked=tx.shape[0] > 1)[1]
+        torch.testing.assert_close(out.primal, f(x, y))
+        torch.testing.assert_close(out.tangent, ref if tx.shape[0] > 1 else ref[None])
+
+    x, y = rand(4), rand(4)
+    check(x, rand(1, 4), y, rand(1, 4))     # both tangents
+    check(x, rand(1, 4), y, None)           # y without tangent
+    check(x, rand(3, 4), y, rand(3, 4))     # K = 3
+    check(rand(2, 4), rand(1, 2, 4), rand(2, 4), rand(1, 2, 4))  # a new shape
+    x32, y32 = rand(4, dtype=torch.float32), rand(4, dtype=torch.float32)
+    check(x32, rand(1, 4, dtype=torch.float32), y32, rand(1, 4, dtype=torch.float32))  # a new dtype
+
+
+def test_input_mutation_in_the_compiled_region_carries_its_tangent():
+    def f(x, buf):
+        buf.mul_(x.sin())
+        return buf.sum()
+
+    x, b, vx, vb = rand(4), rand(4), rand(4), rand(4)
+    b1, b2 = b.clone(), b.clone()
+    out, t = torch_fwd.jvp(f, (x, b1), (vx, vb), compile=True)
+    assert torch_fwd.explain().startswith("compiled")
+    eout, et = torch_fwd.jvp(f, (x, b2), (vx, vb), path="eager")
+    torch.testing.assert_close(t, et)
+    torch.testing.assert_close(b1, b2)  # the input was updated as the primal would update it
+    torch.testing.assert_close(vb, vb.clone())
+
+
+def test_layer_norm_with_captured_weight_and_bias():
+    # torch.compile(torch.func.jvp) hits an internal assertion on this function
+    torch.manual_seed(1)
+    weight, bias = rand(8), rand(8)
+
+    def f(x):
+        return F.layer_norm(x, (8,), weight, bias).tanh()
+
+    x, v = rand(3, 8), rand(3, 8)
+    _, t = torch_fwd.jvp(f, (x,), (v,), compile=True)
+    assert torch_fwd.explain().startswith("compiled")
+    torch.testing.assert_close(t, torch.func.jvp(f, (x,), (v,))[1])
+    torch.testing.assert_close(t, fd(f, (x,), (v,)), rtol=1e-6, atol=1e-6)
+
+
+@torch.library.custom_op("torch_fwd_backend_test::cube", mutates_args=())
+def cube(x: torch.Tensor) -> torch.Tensor:
+    return x ** 3
+
+
+@cube.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+@torch_fwd.frule(torch.ops.torch_fwd_backend_test.cube.default)
+def _cube_rule(primals, tangents):
+    (x,), (tx,) = primals, tangents
+    return cube(x), tx * 3 * x * x
+
+
+class StraightThrough(torch.autograd.Function):
+    """round() forward, identity jvp: differentiating the forward would give zero."""
+
+    @staticmethod
+    def forward(x):
+        return torch.round(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def jvp(ctx, tx):
+        return tx
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_user_rule_and_autograd_function_jvp_inside_the_compiled_region():
+    x, v = rand(4), rand(2, 4)
+    # a custom op with a user frule (no autograd formula: nothing to trace around)
+    _, t = torch_fwd.jvp(lambda x: cube(x.sin()) * 2, (x,), (v,), chunked=True, compile=True)
+    assert torch_fwd.explain() == "compiled (1 region)"
+    torch.testing.assert_close(t, 2 * 3 * x.sin() ** 2 * x.cos() * v)
+    # an autograd.Function with a jvp: its frame runs eagerly, through Function.apply
+    _, t = torch_fwd.jvp(lambda x: StraightThrough.apply(x * 3) * 2, (x,), (v,), chunked=True, compile=True)
+    torch.testing.assert_close(t, 6 * v)
+    assert "StraightThrough" in torch_fwd.explain()
+
+
+def test_a_region_that_cannot_be_compiled_runs_eagerly_and_says_so(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+    real = cfx.compile_fx
+
+    def refuse_jvp_graphs(gm, example_inputs, **kw):
+        if any(t.shape == (2, 4) for t in example_inputs):  # the JVP graph: tangents (2, 4)
+            raise RuntimeError("refused on purpose")
+        return real(gm, example_inputs, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", refuse_jvp_graphs)
+
+    def f(x):
+        return x.sin() * x
+
+    x, v = rand(4), rand(2, 4)
+    _, t = torch_fwd.jvp(f, (x,), (v,), chunked=True, compile=True)
+    why = torch_fwd.explain()
+    assert "ran eagerly" in why or why.startswith("eager"), why
+    assert "refused on purpose" in why
+    torch.testing.assert_close(t, (x.cos() * x + x.sin()) * v)
+
+
+def test_long_elementwise_chain_compiles_in_under_a_minute():
+    import time
+    from benchmarks.cases import large_single_block
+    x, v = torch.rand(64, dtype=D) * 0.5 + 0.5, rand(64)
+    t0 = time.perf_counter()
+    _, t = torch_fwd.jvp(large_single_block, (x,), (v,), compile=True)
+    assert time.perf_counter() - t0 < 60
+    assert torch_fwd.explain() == "compiled (1 region)"
+    torch.testing.assert_close(t, torch.func.jvp(large_single_block, (x,), (v,))[1])
+
+
+def test_transformer_block_with_default_attention_K1_and_K2():
+    from examples.models import transformer_block
+    torch.manual_seed(0)
+    block = transformer_block(32, 4)
+    x = torch.randn(2, 8, 32)
+    v, V = torch.randn_like(x), torch.randn(2, 2, 8, 32)
+    with torch.no_grad():
+        out, t = torch_fwd.jvp(block, (x,), (v,), compile=True)
+        assert torch_fwd.explain().startswith("compiled")
+        _, T = torch_fwd.jvp(block, (x,), (V,), chunked=True, compile=True)
+        eout, et = torch_fwd.jvp(block, (x,), (v,), path="eager")
+        _, eT = torch_fwd.jvp(block, (x,), (V,), chunked=True, path="eager")
+    torch.testing.assert_close(out, eout, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(t, et, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(T, eT, rtol=1e-4, atol=1e-4)
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        torch.testing.assert_close(t, torch.func.jvp(block, (x,), (v,))[1], rtol=1e-4, atol=1e-4)
+
+
+def test_JVP_module_compile_reuses_its_compiled_graph():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(6, 16), nn.GELU(), nn.Linear(16, 3)).double()
+    jm = torch_fwd.JVP(m, compile=True)
+    x = rand(4, 6)
+    for i in range(3):
+        if i == 1:
+            compiled_before = stats["jvp_graphs_compiled"]
+        v = rand(4, 6)
+        reset_regions()
+        out, t = jm(x, tangents=(v,))
+        assert compiled_regions() == (1, [])
+        torch.testing.assert_close(t, torch.func.jvp(m, (x,), (v,))[1])
+        torch.testing.assert_close(out, m(x))
+    # compiled once: the later calls hit dynamo's cache and the backend's
+    assert stats["jvp_graphs_compiled"] == compiled_before
+
+
+def test_fullgraph_is_honoured_and_mode_passed_through():
+    x, v = rand(4), rand(4)
+    with pytest.raises(Exception, match="graph_break|graph break|Graph break"):
+        torch_fwd.jvp(broken, (x, rand(4, 4)), (v, rand(4, 4)), compile={"fullgraph": True})
+    # reduce-overhead: CUDA graphs on a GPU; on a CPU Inductor runs without them
+    _, t = torch_fwd.jvp(lambda x: x.sin() * 2, (x,), (v,), compile={"fullgraph": True, "mode": "reduce-overhead"})
+    torch.testing.assert_close(t, 2 * x.cos() * v)
+    with pytest.raises(ValueError, match="compile takes"):
+        torch_fwd.jvp(lambda x: x, (x,), (v,), compile={"full_graph": True})
+    with pytest.raises(TypeError, match="compile must be"):
+        torch_fwd.jvp(lambda x: x, (x,), (v,), compile="yes")
+
+
+def test_jvp_of_a_torch_compiled_function_compiles_its_tangents():
+    def f(x):
+        return x.sin().exp()
+
+    cf = torch.compile(f)  # Inductor, as a user would have it
+    x, v = rand(4), rand(4)
+    _, t = torch_fwd.jvp(cf, (x,), (v,))
+    assert torch_fwd.explain().startswith("compiled")
+    torch.testing.assert_close(t, f(x) * x.cos() * v)
+
+
+def test_backprop_through_the_compiled_tangent():
+    torch.manual_seed(0)
+    w = rand(3, 3).requires_grad_()
+
+    def f(x):
+        return torch.tanh(x @ w).sum(-1)
+
+    x, v = rand(4, 3), rand(4, 3)
+    _, t = torch_fwd.jvp(f, (x,), (v,), compile=True)
+    (g,) = torch.autograd.grad(t.sum(), w)
+    _, t_ref = torch.func.jvp(f, (x,), (v,))
+    (g_ref,) = torch.autograd.grad(t_ref.sum(), w)
+    torch.testing.assert_close(g, g_ref)
+
+
+def test_backend_registered_by_entry_point_in_a_fresh_interpreter():
+    code = ("import sys, torch\n"
+            "f = torch.compile(lambda x: x.sin() * 2, backend='torch_fwd')\n"
+            "x = torch.randn(5)\n"
+            "assert torch.allclose(f(x), x.sin() * 2)\n"
+            "assert 'torch_fwd' in sys.modules  # loaded by the entry point, not imported by us\n"
+            "from torch_fwd import Dual\n"
+            "out = f(Dual(x, torch.ones(1, 5)))\n"
+            "assert torch.allclose(out.tangent[0], 2 * x.cos())\n"
+            "print('ok')\n")
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
+                       timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]

@@ -1,0 +1,191 @@
+"""The torch.compile backend ``"torch_fwd"``: tangents compiled inside the graph.
+
+``torch.compile(f, backend="torch_fwd")`` (registered through the ``torch_dynamo_backends``
+entry point in setup.py, so no import of torch_fwd is needed first) works as follows.
+
+- A graph dynamo captured on ordinary tensors is compiled by Inductor, exactly as the
+  default backend would (``torch._inductor.compile_fx.compile_fx``).
+- A graph whose inputs include ``Dual``s (the function was called on Duals, by
+  ``torch_fwd.jvp(..., compile=True)``, ``torch_fwd.JVP(module, compile=True)`` or by a user)
+  is lowered to ATen (``capture.to_aten``), rewritten by the forward-mode pass (the shared
+  rule table, ``transform.build_jvp_graph``) and that JVP graph is compiled by Inductor: one
+  compiled graph computes the primal and all K tangents. Dynamo sees a Dual as a traceable
+  wrapper subclass (``__tensor_flatten__``), so its guards cover tangent presence, K,
+  shapes, strides and dtypes: a change recompiles.
+- Between graph breaks the Python code runs on the Duals, through the eager path's rules.
+- A region whose JVP graph cannot be built or compiled runs on its Duals through the eager
+  path instead (never without its tangents); ``torch_fwd.explain()`` and the ``torch_fwd``
+  logger say so.
+
+Inductor settings for JVP graphs (``JVP_INDUCTOR_SETTINGS``): a JVP graph reuses each
+intermediate value several times (the primal op, then every rule that reads it). Inductor
+inlines a pointwise value into each reader until its op count passes
+``realize_opcount_threshold``; on a 100-op chain with reuse (Mooncake's large_single_block)
+the inlined expressions grow with every op and compiling takes minutes. Realising any
+buffer read more than once after a few ops keeps the kernels' expressions short; the
+memory traffic this adds is the values the JVP needs anyway.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from . import registry
+from .dual import Dual
+from .engine import building_for_autograd
+
+__all__ = ["torch_fwd_backend", "JVP_INDUCTOR_SETTINGS", "compiled_regions", "stats"]
+
+log = logging.getLogger("torch_fwd")
+
+#: Inductor config patches applied when compiling a JVP graph (see the module docstring;
+#: measured in tests/test_backend.py's long-chain test and benchmarks/suite.py's compile column).
+JVP_INDUCTOR_SETTINGS = {
+    "realize_opcount_threshold": 8,
+    "realize_cpu_opcount_threshold": 8,
+    "realize_reads_threshold": 2,
+}
+
+
+#: Process-wide counts: JVP graphs compiled by Inductor, regions that fell back to eager.
+stats = {"jvp_graphs_compiled": 0, "eager_fallbacks": 0}
+
+
+class _Regions(threading.local):
+    """What the compiled regions of the calling thread did, for explain()."""
+
+    def __init__(self):
+        self.compiled = 0
+        self.eager: list[str] = []
+
+
+_regions = _Regions()
+
+
+def compiled_regions():
+    """(number of compiled JVP regions run, [why each eager region ran eagerly]) since the
+    last reset_regions() on this thread."""
+    return _regions.compiled, list(_regions.eager)
+
+
+def reset_regions():
+    _regions.compiled = 0
+    _regions.eager = []
+
+
+def _config_patches(mode, options):
+    patches = {}
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+        patches.update(list_mode_options(mode))
+    if options:
+        patches.update(options)
+    return patches
+
+
+def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, options=None):
+    """The dynamo backend (see the module docstring). ``mode`` and ``options`` are
+    torch.compile's, passed on to Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+    patches = _config_patches(mode, options)
+    if not any(isinstance(x, Dual) for x in example_inputs):
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    from .rules.custom import refuse_user_jvp_functions
+    name = refuse_user_jvp_functions(gm)
+    if name is not None:
+        # dynamo inlined the Function's forward, and with it lost the user's jvp: run this
+        # frame eagerly, where Function.apply reaches the user's jvp
+        from torch._dynamo.exc import SkipFrame
+        _regions.eager.append(f"autograd.Function {name} defines jvp, which dynamo would inline past")
+        raise SkipFrame(f"torch_fwd: autograd.Function {name} defines jvp; its frame runs eagerly")
+    return _TangentGraph(gm, {**JVP_INDUCTOR_SETTINGS, **patches})
+
+
+class _TangentGraph:
+    """One captured graph called on Duals: its JVP graph compiled by Inductor, per
+    (tangent pattern, K, rule-table generation, grad mode, input layout)."""
+
+    def __init__(self, gm, patches):
+        self.gm = gm
+        self.patches = patches
+        self.compiled: dict = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, *args):
+        level = max(a._level for a in args if isinstance(a, Dual))
+        prims, tans, chunk = [], [], None
+        for a in args:
+            if isinstance(a, Dual) and a._level == level:
+                prims.append(a.primal)
+                t = a.tangent
+                tans.append(t)
+                if chunk is None:
+                    chunk = a._chunk
+            else:
+                prims.append(a)
+                tans.append(None)
+        if chunk is None or any(isinstance(p, Dual) for p in prims):
+            # no tangent at all (K unknown), or Duals of an enclosing level (a nested jvp):
+            # the eager path differentiates at every level
+            return self._eager(args, "no input carries a tangent" if chunk is None
+                               else "Duals of two levels (a nested jvp)")
+        grad = torch.is_grad_enabled() and any(
+            isinstance(x, torch.Tensor) and x.requires_grad for x in prims + tans)
+        key = (tuple(t is not None for t in tans), chunk, registry.generation(), grad,
+               tuple((tuple(p.shape), p.stride(), p.dtype) if isinstance(p, torch.Tensor) else p for p in prims))
+        entry = self.compiled.get(key)
+        if entry is None:
+            with self.lock:
+                entry = self.compiled.get(key)
+                if entry is None:
+                    entry = self.compiled[key] = self._compile(prims, tans, key[0], chunk, grad)
+        if isinstance(entry, str):
+            return self._eager(args, entry)
+        fn, jg = entry
+        active = [t.contiguous() for t in tans if t is not None]
+        res = fn(*prims, *active)
+        n = len(jg.active_outputs)
+        it = iter(res[n:])
+        outs = []
+        for o, a in zip(res[:n], jg.active_outputs):
+            t = next(it) if a else None
+            outs.append(self._wrap(o, t, chunk, level))
+        for i in jg.mutated_inputs:
+            t = next(it)
+            if isinstance(args[i], Dual) and args[i]._level == level:
+                args[i].ensure_tangent(chunk).copy_(t)
+        _regions.compiled += 1
+        return outs
+
+    def _compile(self, prims, tans, active, chunk, grad):
+        from torch._inductor.compile_fx import compile_fx
+        from .capture import to_aten
+        from .transform import build_jvp_graph
+        try:
+            with building_for_autograd(grad):
+                jg = build_jvp_graph(to_aten(self.gm, prims), prims, active, chunk)
+            examples = list(prims) + [t.contiguous() for t in tans if t is not None]
+            fn = compile_fx(jg.gm, examples, config_patches=self.patches)
+            stats["jvp_graphs_compiled"] += 1
+            return fn, jg
+        except Exception as e:  # noqa: BLE001 - the eager path runs the region and reports real errors
+            why = f"{type(e).__name__}: {e}".strip()
+            log.warning("torch_fwd backend: a region runs through the eager path: %s", why)
+            stats["eager_fallbacks"] += 1
+            return why
+
+    def _eager(self, args, why):
+        _regions.eager.append(why)
+        return self.gm(*args)
+
+    @staticmethod
+    def _wrap(o, t, chunk, level):
+        # (an output aliasing an input -- which dynamo mostly re-creates from the input in
+        # its bytecode, on the Dual -- comes from Inductor as a view of the input, and its
+        # tangent as the same view of the input's tangent: tangents are passed uncopied
+        # when contiguous)
+        if not isinstance(o, torch.Tensor) or not (o.is_floating_point() or o.is_complex()):
+            return o
+        return Dual(o, t, chunk=chunk, level=level)
