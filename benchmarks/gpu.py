@@ -107,7 +107,17 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA device")
     card = torch.cuda.get_device_name()
-    bw, att = bandwidth_rows(a.quick), attention_rows(a.quick)
+    errors = []
+    # one failing section (a kernel that does not build on this card's Triton) must not
+    # cost the other's numbers: the GPU is lent for minutes
+    try:
+        bw = bandwidth_rows(a.quick)
+    except Exception as e:  # noqa: BLE001
+        bw, _ = [], errors.append(f"bandwidth: {type(e).__name__}: {e}")
+    try:
+        att = attention_rows(a.quick)
+    except Exception as e:  # noqa: BLE001
+        att, _ = [], errors.append(f"attention: {type(e).__name__}: {e}")
     lines = [f"# Triton kernels on {card}", "", f"torch {torch.__version__}, Python {platform.python_version()}", "",
              "| kernel | dtype | GB/s | copy GB/s | fraction of copy |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['kernel']} | {r['dtype']} | {r['GBps']:.0f} | {r['copy_GBps']:.0f} | {r['fraction_of_copy']:.2f} |"
@@ -119,13 +129,14 @@ def main(argv=None):
                 continue
             cell = "OOM | -" if m == "OOM" else f"{m['seconds'] * 1e3:.3f} | {m['peak_MiB']:.0f}"
             lines.append(f"| {r['seq']} | {name} | {cell} |")
+    lines += [""] + [f"error: {e[:500]}" for e in errors]
     md = "\n".join(lines) + "\n"
     print(md)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "gpu.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out, "gpu.json"), "w") as f:
-        json.dump(dict(card=card, torch=torch.__version__, bandwidth=bw, attention=att), f, indent=1)
+        json.dump(dict(card=card, torch=torch.__version__, bandwidth=bw, attention=att, errors=errors), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ Cases: Mooncake.jl's suite ported to PyTorch (benchmarks/cases.py) plus sin*cos+
 float32 elements, a 4-layer width-1024 GELU MLP, a pre-LN transformer block with default
 attention, a small GPT-2 (random weights) and a ResNet-style CNN. Columns: torch_fwd as a
 user calls it (no options), its eager and graph paths, torch.func.jvp,
-torch.autograd.forward_ad, torch.compile(torch.func.jvp) and, later, torch_fwd compiled. A
-cell that fails says ``error`` with the exception's class. torch_fwd's first call (the
-capture) is its own column.
+torch.autograd.forward_ad, torch_fwd compiled (``jvp(compile=True)``) and
+torch.compile(torch.func.jvp); the compiled two are also given against the compiled primal,
+with compile times. A cell that fails says ``error`` with the exception's class.
+torch_fwd's first call (the capture) is its own column.
 
 Timing: ``torch.utils.benchmark.Timer`` per cell, a warm-up call first, then ``--rounds``
 rounds in which every system of a case runs in turn (interleaved, so drifting machine load
@@ -151,6 +152,8 @@ def _systems(quick, compile_columns=True):
         "forward_ad": lambda f, p, t: (lambda: _forward_ad(f, p, t)),
     }
     if not quick and compile_columns:
+        systems["torch_fwd compiled"] = lambda f, p, t: (lambda: torch_fwd.jvp(f, p, t, compile=True))
+
         def compiled_func_jvp(f, p, t):
             g = torch.compile(lambda *pt: torch.func.jvp(f, pt[:len(p)], pt[len(p):]))
             return lambda: g(*p, *t)
@@ -158,30 +161,63 @@ def _systems(quick, compile_columns=True):
     return systems
 
 
+#: the columns whose ratio is also given against the compiled primal (torch.compile(f))
+COMPILED = ("torch_fwd compiled", "torch.compile(torch.func.jvp)")
+
+
+def _warm_up_inductor(device):
+    """Compile one trivial function, so that the first case's compile times do not include
+    Inductor's one-off imports and start-up; caches off, so every compile is measured."""
+    import torch._inductor.config as inductor_config
+    inductor_config.force_disable_caches = True
+    torch.compile(lambda x: x.sin() + 1)(torch.randn(4, device=device))
+
+
 def _per_call(fn, min_time):
     """Seconds per call by torch.utils.benchmark (it synchronises CUDA)."""
-    return tbench.Timer(stmt="fn()", globals={"fn": fn}).adaptive_autorange(min_run_time=min_time).median
+    # the process's thread count: Timer's default of one thread changes global state that
+    # dynamo guards on (each compiled column would recompile inside the timing loop)
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.adaptive_autorange(min_run_time=min_time).median
 
 
-def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr):
+def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr, only=None):
     systems = _systems(quick, compile_columns)
+    if only:
+        unknown = [n for n in only if n not in systems]
+        if unknown:
+            raise SystemExit(f"unknown systems {unknown}; known: {list(systems)}")
+        systems = {n: m for n, m in systems.items() if n in only}
+    compiled_ref = any(n in COMPILED for n in systems)
+    if compiled_ref:
+        _warm_up_inductor(device)
     min_time = 0.02 if quick else 0.1
     rows = []
     for ci, case in enumerate(cases):
         torch.manual_seed(0)
         primals = case.make(device, quick)
         tangents = tuple(torch.randn_like(p) for p in primals)
-        row = {"case": case.name, "first_call_s": None, "cells": {}}
+        row = {"case": case.name, "first_call_s": None, "cells": {}, "first_calls_s": {}}
         calls = {}
         with torch.no_grad():
             primal = lambda: case.fn(*primals)  # noqa: E731
             primal()
+            if compiled_ref:
+                print(f"[{ci + 1}/{len(cases)}] {case.name}: compiling the primal", file=progress, flush=True)
+                cfn = torch.compile(case.fn)
+                t0 = time.perf_counter()
+                cfn(*primals)
+                row["first_calls_s"]["compiled primal"] = time.perf_counter() - t0
+                calls["compiled primal"] = lambda: cfn(*primals)
             for name, make in systems.items():
                 print(f"[{ci + 1}/{len(cases)}] {case.name}: warm-up {name}", file=progress, flush=True)
                 try:
                     call = make(case.fn, primals, tangents)
                     t0 = time.perf_counter()
                     call()
+                    row["first_calls_s"][name] = time.perf_counter() - t0
+                    if name.startswith("torch_fwd"):
+                        row.setdefault("paths", {})[name] = torch_fwd.explain()
                     if name == "torch_fwd":
                         row["first_call_s"] = time.perf_counter() - t0
                     calls[name] = call
@@ -203,6 +239,11 @@ def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr)
                 continue
             row["cells"][name] = {"median_s": statistics.median(ts), "ratio": statistics.median(ts) / p,
                                   "ratio_min": min(ts) / p, "ratio_max": max(ts) / p}
+        cp = row["cells"].get("compiled primal", {}).get("median_s")
+        for name in COMPILED:
+            c = row["cells"].get(name)
+            if cp and c and "median_s" in c:
+                c["ratio_compiled"] = c["median_s"] / cp
         rows.append(row)
     return rows, list(systems)
 
@@ -234,10 +275,35 @@ def markdown(meta, rows, systems):
     for s in systems:
         gm.append(f"{_geomean([r['cells'].get(s, {}).get('ratio') for r in rows]):.1f}")
     lines.append("| geometric mean (cases that ran) | " + " | ".join(gm) + " | | |")
-    lines += ["", "torch_fwd compiled: not yet (the compile backend is its own issue)."
-              + ("" if "torch.compile(torch.func.jvp)" in systems else " torch.compile(torch.func.jvp): not run (--no-compile).")
-              + " JAX: "
-              + ("measured separately" if meta.get("jax") else "not installed here, column omitted") + "."]
+    compiled = [s for s in COMPILED if s in systems]
+    if compiled:
+        lines += ["", "## Compiled", "",
+                  "Time of one compiled JVP / time of the compiled primal (`torch.compile(f)`, Inductor); "
+                  "compile time is the first call's (Inductor's caches off).", "",
+                  "| case | " + " | ".join(compiled) + " | compile: primal | " + " | ".join(f"compile: {s}" for s in compiled)
+                  + " | compiled primal |",
+                  "|---|" + "---:|" * (2 * len(compiled) + 2)]
+        for r in rows:
+            cells = []
+            for s in compiled:
+                c = r["cells"].get(s, {})
+                cells.append(f"error ({c['error']})" if "error" in c else
+                             f"{c['ratio_compiled']:.2f}" if "ratio_compiled" in c else "")
+            fc = r.get("first_calls_s", {})
+            comp = [f"{fc[s]:.1f} s" if s in fc else "" for s in ["compiled primal"] + compiled]
+            cp = r["cells"].get("compiled primal", {}).get("median_s")
+            lines.append(f"| {r['case']} | " + " | ".join(cells) + " | " + " | ".join(comp)
+                         + (f" | {cp * 1e6:.0f} us |" if cp else " | |"))
+        lines.append("| geometric mean | " + " | ".join(
+            f"{_geomean([r['cells'].get(s, {}).get('ratio_compiled') for r in rows]):.2f}" for s in compiled)
+            + " |" + " |" * (len(compiled) + 2))
+    odd = [(r["case"], s, p) for r in rows for s, p in r.get("paths", {}).items()
+           if p and not p.startswith({"torch_fwd eager": "eager", "torch_fwd compiled": "compiled"}.get(s, "graph"))]
+    if odd:
+        lines += ["", "Paths other than the column's (torch_fwd.explain() after the first call):", ""]
+        lines += [f"- {c}, {s}: {p[:300]}" for c, s, p in odd]
+    lines += ["", ("" if "torch.compile(torch.func.jvp)" in systems else "Compiled columns: not run (--no-compile). ")
+              + "JAX: " + ("measured separately" if meta.get("jax") else "not installed here, column omitted") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +340,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--no-jacobian", action="store_true", help="skip the Jacobian section")
     ap.add_argument("--no-compile", action="store_true",
-                    help="skip torch.compile(torch.func.jvp) (Inductor compiles each case: minutes on a CPU)")
+                    help="skip the compiled columns (Inductor compiles each case: minutes on a CPU)")
+    ap.add_argument("--systems", default=None, help="comma-separated column names (default: all)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -291,7 +358,8 @@ def main(argv=None):
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "device": args.device,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
             "python": platform.python_version()}
-    rows, systems = run(chosen, args.device, rounds, args.quick, not args.no_compile)
+    rows, systems = run(chosen, args.device, rounds, args.quick, not args.no_compile,
+                        only=args.systems.split(",") if args.systems else None)
     md = markdown(meta, rows, systems)
     print(md)
     os.makedirs(args.out, exist_ok=True)

@@ -38,6 +38,9 @@ def _check(primals, tangents, chunked, name="jvp"):
     """Validate (primals, tangents) as jvp takes them; ``name`` starts the messages (hvp,
     linearize's jvp_fn check theirs here too). Returns (flat primals, flat tangents,
     spec, K)."""
+    fast = _check_flat(primals, tangents, chunked, name)
+    if fast is not None:
+        return fast
     if not isinstance(primals, tuple):
         raise TypeError(f"{name}: primals must be a tuple (func is called as func(*primals)), got {type(primals).__name__}")
     if not isinstance(tangents, tuple):
@@ -75,6 +78,36 @@ def _check(primals, tangents, chunked, name="jvp"):
     if chunked and chunk == 0:
         raise ValueError(f"{name}(chunked=True): K = 0 directions")
     return flat_p, flat_t, spec_p, chunk if chunked else 1
+
+
+_flat_specs: dict = {}
+
+
+def _check_flat(primals, tangents, chunked, name):
+    """_check's result without pytree for the common case -- tuples of plain floating
+    tensors, same shapes, dtypes and devices -- or None (then _check looks closely and
+    says what is wrong). Per-call cost matters for small functions."""
+    if type(primals) is not tuple or type(tangents) is not tuple or len(primals) != len(tangents):
+        return None
+    chunk = None
+    for p, t in zip(primals, tangents):
+        if type(p) is not torch.Tensor or type(t) is not torch.Tensor or t.dtype != p.dtype \
+                or not p.is_floating_point() or t.device != p.device:
+            return None
+        if chunked:
+            k = t.shape[0] if t.dim() == p.dim() + 1 else -1
+            if t.shape[1:] != p.shape or k <= 0 or (chunk is not None and k != chunk):
+                return None
+            chunk = k
+        elif t.shape != p.shape:
+            return None
+    n = len(primals)
+    spec = _flat_specs.get(n)
+    if spec is None:
+        spec = _flat_specs[n] = pytree.tree_structure((0,) * n)
+    if chunked and chunk is None:
+        return None
+    return list(primals), list(tangents), spec, chunk if chunked else 1
 
 
 def _signature(flat_p, chunk):
@@ -132,7 +165,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
     nested = _inside_another_transform(flat_p, flat_t)
     # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents)
     ts = [(t if chunked else t.unsqueeze(0)).contiguous() for t in flat_t]
-    primal_args = pytree.tree_unflatten(flat_p, spec)
+    primal_args = primals if spec is _flat_specs.get(len(flat_p)) else pytree.tree_unflatten(flat_p, spec)
 
     out = None
     if nested:
@@ -141,7 +174,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
         # its own would see the enclosing level's Duals it closes over as constants.
         why = "eager (inside another transform)"
     elif compile_opts is not None:
-        out, why = _compiled(func, compile_opts, flat_p, ts, spec, chunk, has_aux)
+        out, why = _compiled(func, compile_opts, primal_args, flat_p, ts, spec, chunk, has_aux)
     elif path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
@@ -169,7 +202,8 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
     _last_path.value = why  # after the call: a jvp nested inside reported its own path first
     res, tres, aux = out
     if not chunked:
-        tres = pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, tres)
+        tres = tres.squeeze(0) if isinstance(tres, torch.Tensor) else \
+            pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, tres)
     return (res, tres, aux) if has_aux else (res, tres)
 
 
@@ -208,42 +242,83 @@ def _compile_options(func, compile, path):
     return opts
 
 
-def _compiled_for(func, opts):
-    from .backend import torch_fwd_backend
-    func = getattr(func, "_orig_mod", None) or getattr(func, "_torchdynamo_orig_callable", None) or func
-    key = (func, repr(sorted(opts.items())))
+def _unwrap_compiled(func):
+    return getattr(func, "_orig_mod", None) or getattr(func, "_torchdynamo_orig_callable", None) or func
+
+
+def _cached(key, make):
     try:
         hash(key)
     except TypeError:
-        key = None
+        return make()
     with _captures_lock:
-        cf = _compiled_fns.get(key) if key is not None else None
-        if cf is None:
-            from .capture import ensure_compiler_imported
-            ensure_compiler_imported()
-            kw = {k: v for k, v in opts.items() if k in ("fullgraph", "mode", "options", "dynamic")}
-            cf = torch.compile(func, backend=torch_fwd_backend, **kw)
-            if key is not None:
-                _compiled_fns[key] = cf
-                while len(_compiled_fns) > _CAPTURE_CACHE_SIZE:
-                    _compiled_fns.popitem(last=False)
-        elif key is not None:
+        obj = _compiled_fns.get(key)
+        if obj is None:
+            obj = _compiled_fns[key] = make()
+            while len(_compiled_fns) > _CAPTURE_CACHE_SIZE:
+                _compiled_fns.popitem(last=False)
+        else:
             _compiled_fns.move_to_end(key)
-        return cf
+        return obj
 
 
-def _compiled(func, opts, flat_p, ts, spec, chunk, has_aux):
+def _compiled_for(func, opts):
+    """func under torch.compile with the torch_fwd backend (graph breaks allowed)."""
+    from .backend import torch_fwd_backend
+    from .capture import ensure_compiler_imported
+    func = _unwrap_compiled(func)
+
+    def make():
+        ensure_compiler_imported()
+        return torch.compile(func, backend=torch_fwd_backend, **opts)
+    return _cached(("dual", func, repr(sorted(opts.items()))), make)
+
+
+def _inductor_patches(opts):
+    """(key, Inductor config patches) for the JVP graphs of jvp(compile=opts)."""
+    from .backend import _config_patches, jvp_inductor_settings
+    if not opts:
+        return "", jvp_inductor_settings()
+    patches = {**jvp_inductor_settings(), **_config_patches(opts.get("mode"), opts.get("options"))}
+    return repr(sorted(patches.items())), patches
+
+
+def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux):
+    """jvp(compile=...). First as the graph path does: dynamo captures func whole on the
+    primals (tangents beside them, capture.py), and the JVP graph is compiled by Inductor:
+    nothing but dynamo's guard check and the compiled graph runs per call. A function that
+    cannot be captured whole (a graph break) runs under torch.compile with the torch_fwd
+    backend on Duals instead (backend.py): its graphs compiled, the code between them
+    carrying tangents eagerly."""
+    if opts.get("dynamic") is None:
+        cap = _capture_for(_unwrap_compiled(func))
+        try:
+            raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
+                                   inductor=_inductor_patches(opts))
+            res, aux = _split_aux(raw, has_aux)
+            return (res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk),
+                    aux), "compiled (1 region)"
+        except CaptureFailed as e:
+            if e.nested_jvp:
+                return _eager(func, flat_p, ts, spec, chunk, has_aux), \
+                    "eager (the function calls jvp, which dynamo cannot capture)"
+    return _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux)
+
+
+def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     """func compiled with the torch_fwd backend, called on Duals of a new level (no
     DualMode: a dispatch mode makes dynamo skip every frame)."""
     from .backend import compiled_regions, reset_regions
-    from .capture import _DYNAMO_SETTINGS, TRACE_LOCK
+    from .capture import TRACE_LOCK
     from .dual import entered_level, unwrap_tree
     cf = _compiled_for(func, opts)
     reset_regions()
     with entered_level() as level:
         # clone: an in-place op on an input inside func must not write into the caller's tangent
         duals = [Dual(p, t.clone(), chunk=chunk, level=level) for p, t in zip(flat_p, ts)]
-        with TRACE_LOCK, _DYNAMO_SETTINGS():
+        # (dynamo's default recompile limit: past it, dynamo runs the frame on the Duals
+        # eagerly, which is correct)
+        with TRACE_LOCK:
             raw = cf(*pytree.tree_unflatten(duals, spec))
         raw, traw = unwrap_tree(raw, level)
     res, aux = _split_aux(raw, has_aux)
@@ -350,6 +425,10 @@ def _split_aux(raw, has_aux):
 def _collect(res, tangent_for, chunk):
     """The output tangents (zeros where symbolic) mirroring ``res``; ``tangent_for(i, o)``
     gives the tangent of output leaf i, or None."""
+    if type(res) is torch.Tensor:
+        t = tangent_for(0, res)
+        if t is not None and t.shape[0] == chunk and t.shape[1:] == res.shape:
+            return t
     flat, spec = pytree.tree_flatten(res)
     touts = []
     for i, o in enumerate(flat):

@@ -75,6 +75,13 @@ def reset_regions():
     _regions.eager = []
 
 
+def jvp_inductor_settings():
+    """JVP_INDUCTOR_SETTINGS restricted to the options this Inductor has (a patch naming
+    an unknown option fails, and every JVP region would then run eagerly)."""
+    import torch._inductor.config as inductor_config
+    return {k: v for k, v in JVP_INDUCTOR_SETTINGS.items() if hasattr(inductor_config, k)}
+
+
 def _config_patches(mode, options):
     patches = {}
     if mode is not None and mode != "default":
@@ -100,7 +107,7 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
         from torch._dynamo.exc import SkipFrame
         _regions.eager.append(f"autograd.Function {name} defines jvp, which dynamo would inline past")
         raise SkipFrame(f"torch_fwd: autograd.Function {name} defines jvp; its frame runs eagerly")
-    return _TangentGraph(gm, {**JVP_INDUCTOR_SETTINGS, **patches})
+    return _TangentGraph(gm, {**jvp_inductor_settings(), **patches})
 
 
 class _TangentGraph:

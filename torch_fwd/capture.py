@@ -132,6 +132,9 @@ class _Channel(threading.local):
         self.ran = 0
         # instead of a JVP graph: interpret(aten_gm, args, channel) -> outputs (laplacian)
         self.interpret = None
+        # jvp(compile=...): Inductor config patches for the JVP graph, and a key for them
+        self.inductor = None
+        self.inductor_key = None
 
 
 _channel = _Channel()
@@ -171,13 +174,18 @@ class _CompiledGraph:
         # requires_grad, so this bit is decided once per compiled graph and call pattern
         grad = torch.is_grad_enabled() and any(
             isinstance(a, torch.Tensor) and a.requires_grad for a in list(args) + tangents)
-        key = (tuple(t is not None for t in tangents), ch.chunk, registry.generation(), grad)
+        # (jvp(compile=...) asks for the JVP graph compiled by Inductor: a property of the
+        # call, not of the capture, so the graph path and the compiled path share dynamo's
+        # cache entries and neither can be served the other's graph)
+        key = (tuple(t is not None for t in tangents), ch.chunk, registry.generation(), grad, ch.inductor_key)
         with self.lock:
             jg = self.jvp_graphs.get(key)
             if jg is None:
                 try:
                     with building_for_autograd(grad):
                         jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
+                    if ch.inductor is not None:
+                        jg = _inductor_compiled(jg, args, tangents, ch.inductor)
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
                     raise CaptureFailed(str(e)) from e
                 self.jvp_graphs[key] = jg
@@ -189,6 +197,18 @@ class _CompiledGraph:
             ch.results[id(args[i])] = t
         ch.ran += 1
         return outs
+
+
+def _inductor_compiled(jg, args, tangents, patches):
+    """The JVP graph ``jg`` with its GraphModule compiled by Inductor (compile_fx, the
+    default backend's compiler) for these inputs; dynamo's guards keep them valid."""
+    import dataclasses
+    from torch._inductor.compile_fx import compile_fx
+    from .backend import stats
+    examples = list(args) + [t for t, a in zip(tangents, jg.active_inputs) if a]
+    jg = dataclasses.replace(jg, gm=compile_fx(jg.gm, examples, config_patches=patches))
+    stats["jvp_graphs_compiled"] += 1
+    return jg
 
 
 def _backend(gm, example_inputs):
@@ -225,14 +245,28 @@ class GuardedCapture:
         ensure_compiler_imported()
         self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
         self.failed_keys: dict = {}  # signature -> (message, nested_jvp): why its capture failed
+        self.code = getattr(fn, "__code__", None)
 
-    def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None):
+    def _near_recompile_limit(self) -> bool:
+        """Whether this call could compile past dynamo's default recompile limit (then the
+        raised limits apply: entering a config patch costs more than a small jvp, so it is
+        entered only when the function's code has nearly as many cache entries as the
+        default allows)."""
+        if self.code is None:
+            return True
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+        return len(_debug_get_cache_entry_list(self.code)) + 1 >= torch._dynamo.config.recompile_limit
+
+    def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None, inductor=None):
         """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
         (output, {id(tensor): tangent}) or raises CaptureFailed. ``interpret``: run each
-        captured ATen graph with it instead of building a JVP graph (see _Channel)."""
+        captured ATen graph with it instead of building a JVP graph (see _Channel).
+        ``inductor``: (key, Inductor config patches): the JVP graph compiled by Inductor."""
         # the signature is only computed once something has failed for this function
+        # (with or without Inductor: a JVP graph Inductor cannot compile fails only that)
+        ikey = inductor[0] if inductor is not None else None
         if self.failed_keys:
-            why = self.failed_keys.get(key_fn())
+            why = self.failed_keys.get((key_fn(), ikey))
             if why is not None:
                 raise CaptureFailed(*why)
         ch = _channel
@@ -243,11 +277,16 @@ class GuardedCapture:
             raise CaptureFailed("the same tensor object is passed as two primals")
         ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}
         ch.chunk, ch.results, ch.ran, ch.interpret = chunk, {}, 0, interpret
+        ch.inductor_key, ch.inductor = inductor if inductor is not None else (None, None)
         try:
             # under TRACE_LOCK: while another thread's make_fx traces, torch.fx's global
             # "tracing" flag makes dynamo refuse to run a compiled function
-            with TRACE_LOCK, _DYNAMO_SETTINGS():
-                out = self.compiled(*args)
+            with TRACE_LOCK:
+                if self._near_recompile_limit():
+                    with _DYNAMO_SETTINGS():
+                        out = self.compiled(*args)
+                else:
+                    out = self.compiled(*args)
             if ch.ran == 0:
                 # Nothing compiled ran (an empty graph, or dynamo declined): the eager
                 # path decides, so that no output is ever given a tangent by guesswork.
@@ -258,10 +297,10 @@ class GuardedCapture:
             # missing at trace time, ...): the eager path runs and reports real errors.
             # (the message only is kept: an exception would keep the failed frames' tensors alive)
             if isinstance(e, CaptureFailed):
-                self.failed_keys[key_fn()] = (str(e), e.nested_jvp)
+                self.failed_keys[(key_fn(), ikey)] = (str(e), e.nested_jvp)
                 raise
             why = (f"{type(e).__name__}: {e}", _caused_by_nested_jvp(e))
-            self.failed_keys[key_fn()] = why
+            self.failed_keys[(key_fn(), ikey)] = why
             raise CaptureFailed(*why) from e
         finally:
-            ch.tangents = ch.results = ch.chunk = ch.interpret = None
+            ch.tangents = ch.results = ch.chunk = ch.interpret = ch.inductor = ch.inductor_key = None
