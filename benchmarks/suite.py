@@ -203,6 +203,10 @@ def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr,
             primal = lambda: case.fn(*primals)  # noqa: E731
             primal()
             if compiled_ref:
+                # a fresh dynamo cache per case: the compiled columns' wrappers share code
+                # objects across cases, and past dynamo's recompile limit a column would
+                # silently run uncompiled
+                torch._dynamo.reset()
                 print(f"[{ci + 1}/{len(cases)}] {case.name}: compiling the primal", file=progress, flush=True)
                 cfn = torch.compile(case.fn)
                 t0 = time.perf_counter()

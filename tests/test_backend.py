@@ -193,6 +193,20 @@ def test_a_region_that_cannot_be_compiled_runs_eagerly_and_says_so(monkeypatch):
     torch.testing.assert_close(t, (x.cos() * x + x.sin()) * v)
 
 
+def test_a_buffer_filled_after_a_graph_break_is_a_clear_error():
+    def f(x):
+        buf = torch.zeros(3, dtype=x.dtype)
+        torch._dynamo.graph_break()
+        buf[0] = x[0].sin()
+        return buf.exp()
+
+    x, v = rand(3), rand(3)
+    with pytest.raises(RuntimeError, match="(?s)could not be compiled with its tangents.*Run without compile"):
+        torch_fwd.jvp(f, (x,), (v,), compile=True)
+    _, t = torch_fwd.jvp(f, (x,), (v,))  # the eager path tracks the write
+    torch.testing.assert_close(t, torch.tensor([x[0].cos() * v[0], 0, 0], dtype=D) * f(x))
+
+
 def test_long_elementwise_chain_compiles_in_under_a_minute():
     import time
     from benchmarks.cases import large_single_block

@@ -20,3 +20,23 @@ def test_unknown_case_is_refused():
     import pytest
     with pytest.raises(SystemExit, match="unknown cases"):
         suite.main(["--cases", "nope"])
+
+
+def test_compiled_columns_on_one_small_case(tmp_path, capsys):
+    # the compiled columns (two Inductor compiles of a tiny function, and the primal's):
+    # the table against the compiled primal, compile times, and which path ran
+    suite.main(["--cases", "sum_sin_1000", "--rounds", "1", "--no-jacobian", "--out", str(tmp_path),
+                "--systems", "torch_fwd,torch_fwd compiled,torch.compile(torch.func.jvp)"])
+    out = capsys.readouterr().out
+    assert "## Compiled" in out and "| sum_sin_1000 |" in out
+    row = json.load(open(os.path.join(tmp_path, "suite.json")))["rows"][0]
+    for name in ("torch_fwd compiled", "torch.compile(torch.func.jvp)"):
+        assert row["cells"][name]["ratio_compiled"] > 0
+        assert row["first_calls_s"][name] > 0
+    assert row["paths"]["torch_fwd compiled"].startswith("compiled")
+
+
+def test_unknown_system_is_refused():
+    import pytest
+    with pytest.raises(SystemExit, match="unknown systems"):
+        suite.main(["--cases", "sum_1000", "--systems", "nope", "--no-jacobian"])

@@ -319,7 +319,19 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
         # (dynamo's default recompile limit: past it, dynamo runs the frame on the Duals
         # eagerly, which is correct)
         with TRACE_LOCK:
-            raw = cf(*pytree.tree_unflatten(duals, spec))
+            try:
+                raw = cf(*pytree.tree_unflatten(duals, spec))
+            except Exception as e:
+                # Part of the function may have run already (an earlier compiled region):
+                # rerunning it eagerly could repeat its side effects, so this is an error.
+                if _is_dynamo_error(e) and not opts.get("fullgraph"):
+                    raise RuntimeError(
+                        f"jvp(compile=...): the function has graph breaks and a region could not be compiled "
+                        f"with its tangents:\n  {' '.join(str(e).split())[:800]}\n"
+                        f"A common cause: a tensor allocated in one region (torch.zeros) receives values with "
+                        f"tangents after a graph break. Run without compile (the eager path tracks such "
+                        f"writes), or keep the allocation and the writes in one region.") from e
+                raise
         raw, traw = unwrap_tree(raw, level)
     res, aux = _split_aux(raw, has_aux)
     tres = traw[0] if has_aux else traw
@@ -332,6 +344,10 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     else:
         why = "eager (torch.compile compiled no region with tangents" + (f": {'; '.join(eager)})" if eager else ")")
     return (res, _collect(res, lambda i, o: flat_t[i], chunk), aux), why
+
+
+def _is_dynamo_error(e) -> bool:
+    return type(e).__module__.startswith("torch._dynamo")
 
 
 def _inside_another_transform(flat_p, flat_t) -> bool:
