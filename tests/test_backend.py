@@ -308,3 +308,21 @@ def test_backend_registered_by_entry_point_in_a_fresh_interpreter():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/",
                        timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_gpt2_compiled_equals_the_graph_path():
+    # its attention's JVP graph holds a view of an expanded, transposed tensor that
+    # aot_autograd's re-trace lays out differently (backend.compile_jvp_graph)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_head=4, n_embd=64, vocab_size=100,
+                                                       n_positions=32, bos_token_id=0, eos_token_id=0)).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    f = lambda e: m(inputs_embeds=e).last_hidden_state  # noqa: E731
+    x = torch.randn(2, 16, 64)
+    V = torch.randn(2, 2, 16, 64)
+    _, T = torch_fwd.jvp(f, (x,), (V,), chunked=True, compile=True)
+    assert torch_fwd.explain() == "compiled (1 region)"
+    _, T_ref = torch_fwd.jvp(f, (x,), (V,), chunked=True, path="graph")
+    torch.testing.assert_close(T, T_ref, rtol=1e-4, atol=1e-4)

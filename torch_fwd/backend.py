@@ -110,6 +110,24 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     return _TangentGraph(gm, {**jvp_inductor_settings(), **patches})
 
 
+def compile_jvp_graph(gm: torch.fx.GraphModule, examples, patches):
+    """Inductor (compile_fx) on a JVP graph. ``aten.view`` nodes whose result is not written
+    to become ``aten.reshape`` first: make_fx recorded them for the strides eager kernels
+    gave their inputs, and aot_autograd's decompositions may lay an intermediate out
+    differently (a view of an expanded, transposed attention tensor then fails to trace);
+    reshape is the same view wherever one exists."""
+    aten = torch.ops.aten
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is aten.view.default and not any(
+                isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in n.users):
+            n.target = aten.reshape.default
+    gm.recompile()
+    from torch._inductor.compile_fx import compile_fx
+    fn = compile_fx(gm, examples, config_patches=patches)
+    stats["jvp_graphs_compiled"] += 1
+    return fn
+
+
 class _TangentGraph:
     """One captured graph called on Duals: its JVP graph compiled by Inductor, per
     (tangent pattern, K, rule-table generation, grad mode, input layout)."""
@@ -167,16 +185,13 @@ class _TangentGraph:
         return outs
 
     def _compile(self, prims, tans, active, chunk, grad):
-        from torch._inductor.compile_fx import compile_fx
         from .capture import to_aten
         from .transform import build_jvp_graph
         try:
             with building_for_autograd(grad):
                 jg = build_jvp_graph(to_aten(self.gm, prims), prims, active, chunk)
             examples = list(prims) + [t.contiguous() for t in tans if t is not None]
-            fn = compile_fx(jg.gm, examples, config_patches=self.patches)
-            stats["jvp_graphs_compiled"] += 1
-            return fn, jg
+            return compile_jvp_graph(jg.gm, examples, self.patches), jg
         except Exception as e:  # noqa: BLE001 - the eager path runs the region and reports real errors
             why = f"{type(e).__name__}: {e}".strip()
             log.warning("torch_fwd backend: a region runs through the eager path: %s", why)

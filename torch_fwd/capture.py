@@ -200,15 +200,12 @@ class _CompiledGraph:
 
 
 def _inductor_compiled(jg, args, tangents, patches):
-    """The JVP graph ``jg`` with its GraphModule compiled by Inductor (compile_fx, the
-    default backend's compiler) for these inputs; dynamo's guards keep them valid."""
+    """The JVP graph ``jg`` with its GraphModule compiled by Inductor (backend.compile_jvp_graph)
+    for these inputs; dynamo's guards keep them valid."""
     import dataclasses
-    from torch._inductor.compile_fx import compile_fx
-    from .backend import stats
+    from .backend import compile_jvp_graph
     examples = list(args) + [t for t, a in zip(tangents, jg.active_inputs) if a]
-    jg = dataclasses.replace(jg, gm=compile_fx(jg.gm, examples, config_patches=patches))
-    stats["jvp_graphs_compiled"] += 1
-    return jg
+    return dataclasses.replace(jg, gm=compile_jvp_graph(jg.gm, examples, patches))
 
 
 def _backend(gm, example_inputs):
