@@ -123,40 +123,9 @@ def test_layer_norm_with_captured_weight_and_bias():
     torch.testing.assert_close(t, fd(f, (x,), (v,)), rtol=1e-6, atol=1e-6)
 
 
-@torch.library.custom_op("torch_fwd_backend_test::cube", mutates_args=())
-def cube(x: torch.Tensor) -> torch.Tensor:
-    return x ** 3
-
-
-@cube.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-@torch_fwd.frule(torch.ops.torch_fwd_backend_test.cube.default)
-def _cube_rule(primals, tangents):
-    (x,), (tx,) = primals, tangents
-    return cube(x), tx * 3 * x * x
-
-
-class StraightThrough(torch.autograd.Function):
-    """round() forward, identity jvp: differentiating the forward would give zero."""
-
-    @staticmethod
-    def forward(x):
-        return torch.round(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def jvp(ctx, tx):
-        return tx
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
+# a custom op with a user frule, and an autograd.Function with a jvp (round forward, identity
+# jvp: differentiating its forward would give zero), as the user-rule tests define them
+from test_user_rules import StraightThrough, cube  # noqa: E402
 
 
 def test_user_rule_and_autograd_function_jvp_inside_the_compiled_region():
