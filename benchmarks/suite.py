@@ -167,9 +167,7 @@ COMPILED = ("torch_fwd compiled", "torch.compile(torch.func.jvp)")
 
 def _warm_up_inductor(device):
     """Compile one trivial function, so that the first case's compile times do not include
-    Inductor's one-off imports and start-up; caches off, so every compile is measured."""
-    import torch._inductor.config as inductor_config
-    inductor_config.force_disable_caches = True
+    Inductor's one-off imports and start-up."""
     torch.compile(lambda x: x.sin() + 1)(torch.randn(4, device=device))
 
 
@@ -182,6 +180,14 @@ def _per_call(fn, min_time):
 
 
 def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr, only=None):
+    """The suite's rows and column names. Inductor's caches are off during the run (every
+    compile of the compiled columns is measured) and as they were after it."""
+    import torch._inductor.config as inductor_config
+    with inductor_config.patch(force_disable_caches=True):
+        return _run(cases, device, rounds, quick, compile_columns, progress, only)
+
+
+def _run(cases, device, rounds, quick, compile_columns, progress, only):
     systems = _systems(quick, compile_columns)
     if only:
         unknown = [n for n in only if n not in systems]
