@@ -16,7 +16,8 @@ from .transform import build_jvp_graph
 
 __all__ = ["jvp", "jacfwd", "make_jvp_graph", "explain", "JACFWD_MEMORY_BUDGET"]
 
-# Captures by function object, least recently used dropped past the bound. (A weak-keyed
+# Captures by function object (and, for jvp(compile=...) with graph breaks, torch.compile'd
+# functions by ("dual", function, options)), least recently used dropped past the bound. (A weak-keyed
 # dict would never drop anything: the compiled wrapper holds the function strongly. Dynamo's
 # own cache lives on the code object, so a lambda re-made every step recaptures nothing.)
 _CAPTURE_CACHE_SIZE = 256
@@ -115,19 +116,25 @@ def _signature(flat_p, chunk):
 
 
 def _capture_for(func):
+    return _cached(func, lambda: GuardedCapture(func))
+
+
+def _cached(key, make):
+    """``_captures[key]``, made by ``make()`` on a miss; least recently used dropped past
+    the bound. An unhashable key (a function object that is not hashable) is not cached."""
     try:
-        hash(func)
+        hash(key)
     except TypeError:
-        return GuardedCapture(func)
+        return make()
     with _captures_lock:
-        cap = _captures.get(func)
-        if cap is None:
-            cap = _captures[func] = GuardedCapture(func)
+        obj = _captures.get(key)
+        if obj is None:
+            obj = _captures[key] = make()
             while len(_captures) > _CAPTURE_CACHE_SIZE:
                 _captures.popitem(last=False)
         else:
-            _captures.move_to_end(func)
-        return cap
+            _captures.move_to_end(key)
+        return obj
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,7 +219,6 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
 # ---------------------------------------------------------------------------------------
 
 _COMPILE_KEYS = ("fullgraph", "mode", "options", "dynamic")
-_compiled_fns: "collections.OrderedDict" = collections.OrderedDict()
 
 
 def _compile_options(func, compile, path):
@@ -246,22 +252,6 @@ def _unwrap_compiled(func):
     return getattr(func, "_orig_mod", None) or getattr(func, "_torchdynamo_orig_callable", None) or func
 
 
-def _cached(key, make):
-    try:
-        hash(key)
-    except TypeError:
-        return make()
-    with _captures_lock:
-        obj = _compiled_fns.get(key)
-        if obj is None:
-            obj = _compiled_fns[key] = make()
-            while len(_compiled_fns) > _CAPTURE_CACHE_SIZE:
-                _compiled_fns.popitem(last=False)
-        else:
-            _compiled_fns.move_to_end(key)
-        return obj
-
-
 def _compiled_for(func, opts):
     """func under torch.compile with the torch_fwd backend (graph breaks allowed)."""
     from .backend import torch_fwd_backend
@@ -274,15 +264,6 @@ def _compiled_for(func, opts):
     return _cached(("dual", func, repr(sorted(opts.items()))), make)
 
 
-def _inductor_patches(opts):
-    """(key, Inductor config patches) for the JVP graphs of jvp(compile=opts)."""
-    from .backend import _config_patches, jvp_inductor_settings
-    if not opts:
-        return "", jvp_inductor_settings()
-    patches = {**jvp_inductor_settings(), **_config_patches(opts.get("mode"), opts.get("options"))}
-    return repr(sorted(patches.items())), patches
-
-
 def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux):
     """jvp(compile=...). First as the graph path does: dynamo captures func whole on the
     primals (tangents beside them, capture.py), and the JVP graph is compiled by Inductor:
@@ -290,11 +271,12 @@ def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux):
     cannot be captured whole (a graph break) runs under torch.compile with the torch_fwd
     backend on Duals instead (backend.py): its graphs compiled, the code between them
     carrying tangents eagerly."""
+    from .backend import jvp_patches
     if opts.get("dynamic") is None:
         cap = _capture_for(_unwrap_compiled(func))
         try:
             raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
-                                   inductor=_inductor_patches(opts))
+                                   inductor=jvp_patches(opts.get("mode"), opts.get("options")))
             res, aux = _split_aux(raw, has_aux)
             return (res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk),
                     aux), "compiled (1 region)"
@@ -306,36 +288,33 @@ def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux):
 
 
 def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
-    """func compiled with the torch_fwd backend, called on Duals of a new level (no
-    DualMode: a dispatch mode makes dynamo skip every frame)."""
+    """func compiled with the torch_fwd backend, called on Duals of a new level by the
+    eager path's machinery without its DualMode (a dispatch mode makes dynamo skip every
+    frame)."""
     from .backend import compiled_regions, reset_regions
     from .capture import TRACE_LOCK
-    from .dual import entered_level, unwrap_tree
     cf = _compiled_for(func, opts)
+
+    def call(*args):
+        try:
+            return cf(*args)
+        except Exception as e:
+            # Part of the function may have run already (an earlier compiled region):
+            # rerunning it eagerly could repeat its side effects, so this is an error.
+            if _is_dynamo_error(e) and not opts.get("fullgraph"):
+                raise RuntimeError(
+                    f"jvp(compile=...): the function has graph breaks and a region could not be compiled "
+                    f"with its tangents:\n  {' '.join(str(e).split())[:800]}\n"
+                    f"A common cause: a tensor allocated in one region (torch.zeros) receives values with "
+                    f"tangents after a graph break. Run without compile (the eager path tracks such "
+                    f"writes), or keep the allocation and the writes in one region.") from e
+            raise
+
     reset_regions()
-    with entered_level() as level:
-        # clone: an in-place op on an input inside func must not write into the caller's tangent
-        duals = [Dual(p, t.clone(), chunk=chunk, level=level) for p, t in zip(flat_p, ts)]
-        # (dynamo's default recompile limit: past it, dynamo runs the frame on the Duals
-        # eagerly, which is correct)
-        with TRACE_LOCK:
-            try:
-                raw = cf(*pytree.tree_unflatten(duals, spec))
-            except Exception as e:
-                # Part of the function may have run already (an earlier compiled region):
-                # rerunning it eagerly could repeat its side effects, so this is an error.
-                if _is_dynamo_error(e) and not opts.get("fullgraph"):
-                    raise RuntimeError(
-                        f"jvp(compile=...): the function has graph breaks and a region could not be compiled "
-                        f"with its tangents:\n  {' '.join(str(e).split())[:800]}\n"
-                        f"A common cause: a tensor allocated in one region (torch.zeros) receives values with "
-                        f"tangents after a graph break. Run without compile (the eager path tracks such "
-                        f"writes), or keep the allocation and the writes in one region.") from e
-                raise
-        raw, traw = unwrap_tree(raw, level)
-    res, aux = _split_aux(raw, has_aux)
-    tres = traw[0] if has_aux else traw
-    flat_t = pytree.tree_leaves(tres, is_leaf=lambda x: x is None)
+    # (dynamo's default recompile limit: past it, dynamo runs the frame on the Duals
+    # eagerly, which is correct)
+    with TRACE_LOCK:
+        out = _eager(call, flat_p, ts, spec, chunk, has_aux, dual_mode=False)
     n, eager = compiled_regions()
     if not eager and n:
         why = f"compiled ({n} region{'s' if n > 1 else ''})"
@@ -343,7 +322,7 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
         why = f"compiled ({n} region{'s' if n > 1 else ''}; {len(eager)} ran eagerly: {'; '.join(eager)})"
     else:
         why = "eager (torch.compile compiled no region with tangents" + (f": {'; '.join(eager)})" if eager else ")")
-    return (res, _collect(res, lambda i, o: flat_t[i], chunk), aux), why
+    return out, why
 
 
 def _is_dynamo_error(e) -> bool:
@@ -462,10 +441,10 @@ def _collect(res, tangent_for, chunk):
     return pytree.tree_unflatten(touts, spec)
 
 
-def _eager(func, flat_p, ts, spec, chunk, has_aux):
+def _eager(func, flat_p, ts, spec, chunk, has_aux, dual_mode=True):
     # clone: an in-place op on an input inside func must not write into the caller's tangent
     raw, traw = run_with_duals(func, pytree.tree_unflatten(flat_p, spec), {},
-                               pytree.tree_unflatten([t.clone() for t in ts], spec), {})
+                               pytree.tree_unflatten([t.clone() for t in ts], spec), {}, dual_mode)
     res, aux = _split_aux(raw, has_aux)
     flat_t = pytree.tree_leaves(traw[0] if has_aux else traw, is_leaf=lambda x: x is None)
     return res, _collect(res, lambda i, o: flat_t[i], chunk), aux

@@ -92,6 +92,23 @@ def _config_patches(mode, options):
     return patches
 
 
+def jvp_patches(mode=None, options=None):
+    """(key, Inductor config patches) for JVP graphs: our settings, then torch.compile's
+    ``mode`` and ``options``. (jvp(compile=True) asks for the defaults on every call: made
+    once.)"""
+    default = mode is None and not options
+    if default and _default_patches:
+        return _default_patches[0]
+    patches = {**jvp_inductor_settings(), **_config_patches(mode, options)}
+    out = repr(sorted(patches.items())), patches
+    if default:
+        _default_patches.append(out)
+    return out
+
+
+_default_patches: list = []
+
+
 def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, options=None):
     """The dynamo backend (see the module docstring). ``mode`` and ``options`` are
     torch.compile's, passed on to Inductor."""
@@ -107,25 +124,30 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
         from torch._dynamo.exc import SkipFrame
         _regions.eager.append(f"autograd.Function {name} defines jvp, which dynamo would inline past")
         raise SkipFrame(f"torch_fwd: autograd.Function {name} defines jvp; its frame runs eagerly")
-    return _TangentGraph(gm, {**jvp_inductor_settings(), **patches})
+    return _TangentGraph(gm, jvp_patches(mode, options)[1])
 
 
-def compile_jvp_graph(gm: torch.fx.GraphModule, examples, patches):
-    """Inductor (compile_fx) on a JVP graph. ``aten.view`` nodes whose result is not written
-    to become ``aten.reshape`` first: make_fx recorded them for the strides eager kernels
-    gave their inputs, and aot_autograd's decompositions may lay an intermediate out
+def compile_jvp_graph(jg, args, tangents, patches):
+    """The JVP graph ``jg`` (transform.JVPGraph) with its GraphModule compiled by Inductor
+    (compile_fx) for these inputs (``tangents``: one per input, None where inactive); the
+    caller's guards keep them valid. ``aten.view`` nodes whose result is not written to
+    become ``aten.reshape`` first: make_fx recorded them for the strides eager kernels gave
+    their inputs, and aot_autograd's decompositions may lay an intermediate out
     differently (a view of an expanded, transposed attention tensor then fails to trace);
     reshape is the same view wherever one exists."""
+    import dataclasses
+    from torch._inductor.compile_fx import compile_fx
     aten = torch.ops.aten
+    gm = jg.gm
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is aten.view.default and not any(
                 isinstance(u.target, torch._ops.OpOverload) and u.target._schema.is_mutable for u in n.users):
             n.target = aten.reshape.default
     gm.recompile()
-    from torch._inductor.compile_fx import compile_fx
+    examples = list(args) + [t for t, a in zip(tangents, jg.active_inputs) if a]
     fn = compile_fx(gm, examples, config_patches=patches)
     stats["jvp_graphs_compiled"] += 1
-    return fn
+    return dataclasses.replace(jg, gm=fn)
 
 
 class _TangentGraph:
@@ -168,17 +190,9 @@ class _TangentGraph:
                     entry = self.compiled[key] = self._compile(prims, tans, key[0], chunk, grad)
         if isinstance(entry, str):
             return self._eager(args, entry)
-        fn, jg = entry
-        active = [t.contiguous() for t in tans if t is not None]
-        res = fn(*prims, *active)
-        n = len(jg.active_outputs)
-        it = iter(res[n:])
-        outs = []
-        for o, a in zip(res[:n], jg.active_outputs):
-            t = next(it) if a else None
-            outs.append(self._wrap(o, t, chunk, level))
-        for i in jg.mutated_inputs:
-            t = next(it)
+        outs, touts, mutated = entry(prims, [t.contiguous() if t is not None else None for t in tans])
+        outs = [self._wrap(o, t, chunk, level) for o, t in zip(outs, touts)]
+        for i, t in mutated.items():
             if isinstance(args[i], Dual) and args[i]._level == level:
                 args[i].ensure_tangent(chunk).copy_(t)
         _regions.compiled += 1
@@ -190,8 +204,8 @@ class _TangentGraph:
         try:
             with building_for_autograd(grad):
                 jg = build_jvp_graph(to_aten(self.gm, prims), prims, active, chunk)
-            examples = list(prims) + [t.contiguous() for t in tans if t is not None]
-            return compile_jvp_graph(jg.gm, examples, self.patches), jg
+            return compile_jvp_graph(jg, prims, [t.contiguous() if t is not None else None for t in tans],
+                                     self.patches)
         except Exception as e:  # noqa: BLE001 - the eager path runs the region and reports real errors
             why = f"{type(e).__name__}: {e}".strip()
             log.warning("torch_fwd backend: a region runs through the eager path: %s", why)

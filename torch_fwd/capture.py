@@ -185,7 +185,8 @@ class _CompiledGraph:
                     with building_for_autograd(grad):
                         jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
                     if ch.inductor is not None:
-                        jg = _inductor_compiled(jg, args, tangents, ch.inductor)
+                        from .backend import compile_jvp_graph
+                        jg = compile_jvp_graph(jg, args, tangents, ch.inductor)
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
                     raise CaptureFailed(str(e)) from e
                 self.jvp_graphs[key] = jg
@@ -197,15 +198,6 @@ class _CompiledGraph:
             ch.results[id(args[i])] = t
         ch.ran += 1
         return outs
-
-
-def _inductor_compiled(jg, args, tangents, patches):
-    """The JVP graph ``jg`` with its GraphModule compiled by Inductor (backend.compile_jvp_graph)
-    for these inputs; dynamo's guards keep them valid."""
-    import dataclasses
-    from .backend import compile_jvp_graph
-    examples = list(args) + [t for t, a in zip(tangents, jg.active_inputs) if a]
-    return dataclasses.replace(jg, gm=compile_jvp_graph(jg.gm, examples, patches))
 
 
 def _backend(gm, example_inputs):

@@ -445,8 +445,10 @@ def _untracked_write(what):
 # decomposition fallback of both paths.
 # ---------------------------------------------------------------------------------------
 
-def run_with_duals(fn, args, kwargs, targs, tkwargs):
-    """Call ``fn`` with Dual-wrapped arguments under a DualMode of a new innermost level;
+def run_with_duals(fn, args, kwargs, targs, tkwargs, dual_mode=True):
+    """Call ``fn`` with Dual-wrapped arguments under a DualMode of a new innermost level
+    (``dual_mode=False``: no mode, for a function run by dynamo, which skips every frame
+    under a dispatch mode; tensors it creates are then not tracked);
     return (out, tangent_out), both mirroring fn's output (tangent leaves None where zero).
     Arguments may be Duals of enclosing levels: they are wrapped again, and come back out
     still carrying their own levels' tangents (nested differentiation)."""
@@ -474,7 +476,10 @@ def run_with_duals(fn, args, kwargs, targs, tkwargs):
 
         dargs = wrap_tree(tuple(args), tuple(targs))
         dkwargs = wrap_tree(dict(kwargs), dict(tkwargs))
-        with DualMode(chunk, level):
+        if dual_mode:
+            with DualMode(chunk, level):
+                out = fn(*dargs, **dkwargs)
+        else:
             out = fn(*dargs, **dkwargs)
         return unwrap_tree(out, level)
 
