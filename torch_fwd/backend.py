@@ -145,7 +145,8 @@ def compile_jvp_graph(jg, args, tangents, patches):
             n.target = aten.reshape.default
     gm.recompile()
     examples = list(args) + [t for t, a in zip(tangents, jg.active_inputs) if a]
-    fn = compile_fx(gm, examples, config_patches=patches)
+    with torch._C.DisableTorchFunction():  # (as in to_aten: a user's mode is in the graph already)
+        fn = compile_fx(gm, examples, config_patches=patches)
     stats["jvp_graphs_compiled"] += 1
     return dataclasses.replace(jg, gm=fn)
 

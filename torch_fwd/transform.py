@@ -18,7 +18,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from . import engine
+from . import bindings, engine
 from .dual import Dual, DualMode, entered_level, is_view, unwrap_tree
 from .tangent import zeros_tangent
 
@@ -81,12 +81,18 @@ class JVPGraph:
     active_inputs: tuple[bool, ...]
     active_outputs: tuple[bool, ...]
     mutated_inputs: tuple[int, ...]
+    # what runs: for an fx graph, its copy calling Python bindings (bindings.py), made on
+    # the first call; a compiled graph (Inductor's callable) runs as it is
+    _forward: object = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __call__(self, primals, tangents):
         """primals: all graph inputs; tangents: one per input (None: zero). Returns
         (outputs, output tangents with None for zero, {input index: new tangent})."""
         args = list(primals) + [t for t, a in zip(tangents, self.active_inputs) if a]
-        res = self.gm(*args)
+        forward = self._forward
+        if forward is None:
+            forward = self._forward = bindings.runner(self.gm) if isinstance(self.gm, fx.GraphModule) else self.gm
+        res = forward(*args)
         n_outputs = len(self.active_outputs)
         outs = list(res[:n_outputs])
         it = iter(res[n_outputs:])
@@ -166,7 +172,9 @@ def _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_in
         return x
 
     # Traced without grad: what autograd records is decided when the graph runs, not here.
-    with fake_mode, torch.no_grad():
+    # Without __torch_function__: the ATen graph holds what a user's torch-function mode
+    # did when it was captured; its ops seen by that mode again would apply it twice.
+    with fake_mode, torch.no_grad(), torch._C.DisableTorchFunction():
         fake_primals = [fake(x) for x in example_inputs]
         # tangents are traced contiguous; callers pass them contiguous (api.py ensures it)
         fake_tangents = [torch.empty((chunk,) + tuple(x.shape), dtype=x.dtype, device=x.device)
