@@ -22,6 +22,9 @@ aten = torch.ops.aten
 def _f(mask, like):
     return mask.to(like.dtype)
 
+# A derivative that is a mask stays boolean where the tangent only gets multiplied by it:
+# t * mask promotes to t's dtype in one op, where mask.to(dtype) would be a second.
+
 
 # ---- unary: dy = f'(x, y) dx ----------------------------------------------------------
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -58,7 +61,7 @@ UNARY = {
     aten.reciprocal.default: lambda x, y: -y * y,
     aten.tanh.default: lambda x, y: 1 - y * y,
     aten.sigmoid.default: lambda x, y: y * (1 - y),
-    aten.relu.default: lambda x, y: _f(x > 0, x),
+    aten.relu.default: lambda x, y: x > 0,
     aten.gelu.default: _gelu_deriv,
     aten.silu.default: _silu_deriv,
     aten.softplus.default: lambda x, y, beta, threshold: torch.where(
@@ -66,7 +69,7 @@ UNARY = {
     aten.elu.default: lambda x, y, alpha, scale, input_scale: torch.where(
         x > 0, torch.full_like(x, float(scale)), alpha * scale * input_scale * torch.exp(x * input_scale)),
     aten.leaky_relu.default: lambda x, y, slope: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, float(slope))),
-    aten.hardtanh.default: lambda x, y, lo, hi: _f((x > lo) & (x < hi), x),
+    aten.hardtanh.default: lambda x, y, lo, hi: (x > lo) & (x < hi),
     aten.hardsigmoid.default: lambda x, y: _f((x > -3) & (x < 3), x) / 6,
     aten.hardswish.default: lambda x, y: torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, (2 * x + 3) / 6, torch.ones_like(x))),
     aten.erf.default: lambda x, y: (2 / math.sqrt(math.pi)) * torch.exp(-x * x),
@@ -83,12 +86,12 @@ UNARY = {
     aten.lgamma.default: lambda x, y: torch.digamma(x),
     aten.digamma.default: lambda x, y: torch.polygamma(1, x),
     aten.frac.default: lambda x, y: torch.ones_like(x),
-    aten.nan_to_num.default: lambda x, y, *a: _f(torch.isfinite(x), x),
+    aten.nan_to_num.default: lambda x, y, *a: torch.isfinite(x),
     aten.clamp.default: lambda x, y, lo=None, hi=None: _f(
         (x >= lo if lo is not None else torch.ones_like(x, dtype=torch.bool))
         & (x <= hi if hi is not None else torch.ones_like(x, dtype=torch.bool)), x),
-    aten.clamp_min.default: lambda x, y, lo: _f(x >= lo, x),
-    aten.clamp_max.default: lambda x, y, hi: _f(x <= hi, x),
+    aten.clamp_min.default: lambda x, y, lo: x >= lo,
+    aten.clamp_max.default: lambda x, y, hi: x <= hi,
     aten.pow.Tensor_Scalar: lambda x, y, e: torch.zeros_like(x) if e == 0 else e * torch.pow(x, e - 1),
     aten.logit.default: lambda x, y, eps=None: (x * (1 - x)).reciprocal() if eps is None
         else torch.where((x < eps) | (x > 1 - eps), torch.zeros_like(x), (x * (1 - x)).reciprocal()),
