@@ -187,6 +187,19 @@ class _CompiledGraph:
         # call, not of the capture, so the graph path and the compiled path share dynamo's
         # cache entries and neither can be served the other's graph)
         key = (tuple(t is not None for t in tangents), ch.chunk, registry.generation(), grad, ch.inductor_key)
+        jg = self.jvp_graphs.get(key)  # (a dict read needs no lock; building one does)
+        if jg is None:
+            jg = self._build(key, args, tangents, grad, ch)
+        outs, touts, mutated = jg(args, tangents)
+        for o, t in zip(outs, touts):
+            if t is not None:
+                ch.results[id(o)] = t
+        for i, t in mutated.items():
+            ch.results[id(args[i])] = t
+        ch.ran += 1
+        return outs
+
+    def _build(self, key, args, tangents, grad, ch):
         with self.lock:
             jg = self.jvp_graphs.get(key)
             if jg is None:
@@ -199,14 +212,7 @@ class _CompiledGraph:
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
                     raise CaptureFailed(str(e)) from e
                 self.jvp_graphs[key] = jg
-        outs, touts, mutated = jg(args, tangents)
-        for o, t in zip(outs, touts):
-            if t is not None:
-                ch.results[id(o)] = t
-        for i, t in mutated.items():
-            ch.results[id(args[i])] = t
-        ch.ran += 1
-        return outs
+            return jg
 
 
 def _backend(gm, example_inputs):
