@@ -128,6 +128,20 @@ def test_closure_cells_are_read_on_every_call():
         torch.testing.assert_close(t, v * w)
 
 
+def test_a_replaced_code_object_is_not_served_the_old_graph():
+    def f(x):
+        return x * 2
+
+    def g(x):
+        return x * 3
+    x, v = rand(3), rand(3)
+    torch_fwd.jvp(f, (x,), (v,))
+    torch_fwd.jvp(f, (x,), (v,))
+    f.__code__ = g.__code__
+    _, t = torch_fwd.jvp(f, (x,), (v,))
+    torch.testing.assert_close(t, 3 * v)
+
+
 def test_dynamo_reset_leaves_nothing_stale():
     def f(x):
         return torch.exp(x).sum()

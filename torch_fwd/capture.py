@@ -351,7 +351,7 @@ class _DirectCall:
         return cls(fn)
 
     def __call__(self, args):
-        if len(args) != len(self.names) or torch.compiler.is_compiling():
+        if len(args) != len(self.names) or self.fn.__code__ is not self.code or torch.compiler.is_compiling():
             return _NO_ENTRY
         entries = self.entries(self.code)
         if not entries:
