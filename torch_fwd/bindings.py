@@ -13,7 +13,8 @@ one op, the node's overload, with the node's arguments (defaults filled from the
 and the very same tensor objects. The argument parser picks an overload from argument
 types and shapes alone, which the graph fixes (its constants are in the code, its
 tensors' metadata guarded by the caller), so the check at build time holds for every
-call. Any other node keeps its ``OpOverload``.
+call; and since values take no part in the choice, a verified binding is remembered per
+(overload, kinds of the arguments). Any other node keeps its ``OpOverload``.
 
 Both ``OpOverload`` and the bindings call a user's torch-function mode (or subclass)
 with every op; the copy runs with ``__torch_function__`` off (``runner``). The graph's
@@ -84,10 +85,27 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _kinds(x):
+    """What the argument parser chooses an overload by: a tensor's rank and dtype, a
+    Python value's type, a list's structure (values never take part)."""
+    if isinstance(x, torch.Tensor):
+        return ("T", x.dim(), x.dtype)
+    if isinstance(x, (list, tuple)):
+        return (type(x), tuple(_kinds(y) for y in x))
+    return type(x)
+
+
+# (overload, kinds of the arguments) -> the verified binding or None: the check runs once
+# per distinct call shape, not per node (an unrolled loop repeats a few thousand times)
+_verified: dict = {}
+_MISSING = object()
+
+
 def _binding_for(node: fx.Node):
     op = node.target
     if not isinstance(op, torch._ops.OpOverload) or op._schema.is_mutable:
         return None
+
     def val(a):
         if isinstance(a, fx.Node):
             if "val" not in a.meta:
@@ -104,6 +122,17 @@ def _binding_for(node: fx.Node):
     fake_mode = next((getattr(t, "fake_mode", None) for t in tensors if getattr(t, "fake_mode", None)), None)
     if fake_mode is None:
         return None
+    key = (op, _kinds(args), tuple(sorted((k, _kinds(v)) for k, v in kwargs.items())))
+    fn = _verified.get(key, _MISSING)
+    if fn is _MISSING:
+        if len(_verified) > 4096:
+            _verified.clear()
+        fn = _verified[key] = _verify(op, args, kwargs, fake_mode)
+    return fn
+
+
+def _verify(op, args, kwargs, fake_mode):
+    """The first binding that dispatches exactly ``op`` with these arguments, or None."""
     want = _bound(op._schema, args, kwargs)
     if want is None:
         return None
