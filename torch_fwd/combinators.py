@@ -135,6 +135,10 @@ def with_kernel(rule, try_kernel):
     def wrapped(p, t):
         from torch_fwd import triton_kernels
         from torch_fwd.engine import for_autograd
+        # (a CUDA tensor exists only once CUDA is initialised: on a CPU, unless asked for
+        # the interpreter's kernels, the rule runs without looking at the arguments)
+        if not (torch.cuda.is_initialized() or triton_kernels.kernels_on_cpu()):
+            return rule(p, t)
         tensors = [x for x in pytree.tree_leaves((p, t)) if isinstance(x, torch.Tensor)]
         res = try_kernel(p, t) if triton_kernels.use_kernels(*tensors) and not for_autograd() else None
         return rule(p, t) if res is None else res
