@@ -22,9 +22,6 @@ aten = torch.ops.aten
 def _f(mask, like):
     return mask.to(like.dtype)
 
-# A derivative that is a mask stays boolean where the tangent only gets multiplied by it:
-# t * mask promotes to t's dtype in one op, where mask.to(dtype) would be a second.
-
 
 # ---- unary: dy = f'(x, y) dx ----------------------------------------------------------
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -44,6 +41,8 @@ def _silu_deriv(x, y):
     return s * (1 + x * (1 - s))
 
 
+# (a derivative that is a mask stays boolean where the tangent is only multiplied by it:
+# t * mask promotes to t's dtype in one op, where a cast first would be a second)
 UNARY = {
     aten.abs.default: lambda x, y: torch.sign(x),
     aten.sin.default: lambda x, y: torch.cos(x),

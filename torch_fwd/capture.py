@@ -288,13 +288,12 @@ class GuardedCapture:
             # "tracing" flag makes dynamo refuse to run a compiled function
             with TRACE_LOCK:
                 out = self.direct(args) if self.direct is not None else _NO_ENTRY
-                if out is not _NO_ENTRY:
-                    pass
-                elif self._near_recompile_limit():
-                    with _DYNAMO_SETTINGS():
+                if out is _NO_ENTRY:
+                    if self._near_recompile_limit():
+                        with _DYNAMO_SETTINGS():
+                            out = self.compiled(*args)
+                    else:
                         out = self.compiled(*args)
-                else:
-                    out = self.compiled(*args)
             if ch.ran == 0:
                 # Nothing compiled ran (an empty graph, or dynamo declined): the eager
                 # path decides, so that no output is ever given a tangent by guesswork.
