@@ -27,6 +27,8 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import registry
+
 __all__ = ["executable", "runner"]
 
 # where PyTorch's generated bindings live: functions, then the namespaced ones, then methods
@@ -59,22 +61,13 @@ def _candidates(op: torch._ops.OpOverload):
         yield method
 
 
-def _bound(schema, args, kwargs):
-    """Every argument of the schema in order, defaults filled; None if one is missing."""
-    out = []
-    for i, a in enumerate(schema.arguments):
-        if i < len(args) and not a.kwarg_only:
-            out.append(args[i])
-        elif a.name in kwargs:
-            out.append(kwargs[a.name])
-        elif a.has_default_value():
-            out.append(a.default_value)
-        else:
-            return None
-    if len(args) > sum(1 for a in schema.arguments if not a.kwarg_only) or \
-            any(k not in {a.name for a in schema.arguments} for k in kwargs):
+def _bound(op, args, kwargs):
+    """Every argument of ``op`` in schema order, defaults filled (registry.normalize, as
+    the rules see them); None if one is missing."""
+    try:
+        return registry.normalize(op, tuple(args), kwargs)
+    except TypeError:
         return None
-    return out
 
 
 def _same(a, b) -> bool:
@@ -133,7 +126,7 @@ def _binding_for(node: fx.Node):
 
 def _verify(op, args, kwargs, fake_mode):
     """The first binding that dispatches exactly ``op`` with these arguments, or None."""
-    want = _bound(op._schema, args, kwargs)
+    want = _bound(op, args, kwargs)
     if want is None:
         return None
     for fn in _candidates(op):
@@ -146,7 +139,7 @@ def _verify(op, args, kwargs, fake_mode):
         if len(rec.calls) != 1:
             continue
         func, rargs, rkwargs = rec.calls[0]
-        got = _bound(op._schema, rargs, rkwargs) if func is op else None
+        got = _bound(op, rargs, rkwargs) if func is op else None
         if got is not None and _same(got, want):
             return fn
     return None
