@@ -51,6 +51,8 @@ def test_later_calls_skip_dynamo_and_see_new_values():
         torch.testing.assert_close(t, torch.cos(x) * v * w)
         assert torch_fwd.explain() == "graph"
     assert counter.calls == 1
+    # (the capture compiled with dynamo's profiler bookkeeping off; the setting is restored)
+    assert torch._dynamo.config.record_runtime_overhead
     # K = 3 directions, one zero: the same capture, a new JVP graph
     V = torch.stack([rand(4), torch.zeros(4, dtype=D), rand(4)])
     _, T = torch_fwd.jvp(f, (x,), (V,), chunked=True)

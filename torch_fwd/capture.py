@@ -230,16 +230,28 @@ class _Settings(threading.local):
     # one costs more than the rest of a small jvp. Made on first use: importing dynamo
     # takes a second that `import torch_fwd` need not pay.
     patch = None
+    compiling = None
 
 
 _settings = _Settings()
 
+_LIMITS = dict(recompile_limit=512, accumulated_recompile_limit=8192, fail_on_recompile_limit_hit=True)
+
 
 def _DYNAMO_SETTINGS():
     if _settings.patch is None:
-        _settings.patch = torch._dynamo.config.patch(recompile_limit=512, accumulated_recompile_limit=8192,
-                                                     fail_on_recompile_limit_hit=True)
+        _settings.patch = torch._dynamo.config.patch(**_LIMITS)
     return _settings.patch
+
+
+def _COMPILING_SETTINGS():
+    """The limits above, and no profiler bookkeeping calls in the transformed code
+    (``record_runtime_overhead``: two Python calls around every graph call, which only
+    label the time in a profiler trace): for calls that reach dynamo only to compile,
+    where entering a patch costs nothing next to the compile."""
+    if _settings.compiling is None:
+        _settings.compiling = torch._dynamo.config.patch(record_runtime_overhead=False, **_LIMITS)
+    return _settings.compiling
 
 
 class GuardedCapture:
@@ -287,8 +299,12 @@ class GuardedCapture:
             # under TRACE_LOCK: while another thread's make_fx traces, torch.fx's global
             # "tracing" flag makes dynamo refuse to run a compiled function
             with TRACE_LOCK:
-                out = self.direct(args) if self.direct is not None else _NO_ENTRY
+                out = self.direct(args) if self.direct is not None else _NOT_SERVED
                 if out is _NO_ENTRY:
+                    # no cache entry's guards passed: dynamo compiles (or raises)
+                    with _COMPILING_SETTINGS():
+                        out = self.compiled(*args)
+                elif out is _NOT_SERVED:
                     if self._near_recompile_limit():
                         with _DYNAMO_SETTINGS():
                             out = self.compiled(*args)
@@ -313,7 +329,8 @@ class GuardedCapture:
             ch.tangents = ch.results = ch.chunk = ch.interpret = ch.inductor = ch.inductor_key = None
 
 
-_NO_ENTRY = object()
+_NO_ENTRY = object()    # no cache entry's guards passed
+_NOT_SERVED = object()  # a call _DirectCall does not serve
 
 _PLAIN_ARGS_ONLY = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
 
@@ -330,7 +347,7 @@ class _DirectCall:
     order and run the passing entry's code as a function with the same globals and
     closure: what dynamo itself would run, minus its ~35 us of Python per call. No entry
     passing (a first call, a guard failing) returns _NO_ENTRY and dynamo decides as
-    always: a recompile, or an error. Entries are read afresh on every call, so
+    always: a recompile, or an error; a call it does not serve returns _NOT_SERVED. Entries are read afresh on every call, so
     ``torch._dynamo.reset()`` or an evicted entry can never leave a stale graph behind."""
 
     def __init__(self, fn):
@@ -351,7 +368,7 @@ class _DirectCall:
 
     def __call__(self, args):
         if len(args) != len(self.names) or self.fn.__code__ is not self.code or torch.compiler.is_compiling():
-            return _NO_ENTRY
+            return _NOT_SERVED
         entries = self.entries(self.code)
         if not entries:
             return _NO_ENTRY
