@@ -271,8 +271,7 @@ class GuardedCapture:
         default allows)."""
         if self.code is None:
             return True
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-        return len(_debug_get_cache_entry_list(self.code)) + 1 >= torch._dynamo.config.recompile_limit
+        return len(_cache_entries(self.code)) + 1 >= torch._dynamo.config.recompile_limit
 
     def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None, inductor=None):
         """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
@@ -329,6 +328,12 @@ class GuardedCapture:
             ch.tangents = ch.results = ch.chunk = ch.interpret = ch.inductor = ch.inductor_key = None
 
 
+def _cache_entries(code):
+    """Dynamo's cache entries for ``code``, most recently used first (dynamo is imported
+    by the time a GuardedCapture exists)."""
+    return torch._C._dynamo.eval_frame._debug_get_cache_entry_list(code)
+
+
 _NO_ENTRY = object()    # no cache entry's guards passed
 _NOT_SERVED = object()  # a call _DirectCall does not serve
 
@@ -347,12 +352,11 @@ class _DirectCall:
     order and run the passing entry's code as a function with the same globals and
     closure: what dynamo itself would run, minus its ~35 us of Python per call. No entry
     passing (a first call, a guard failing) returns _NO_ENTRY and dynamo decides as
-    always: a recompile, or an error; a call it does not serve returns _NOT_SERVED. Entries are read afresh on every call, so
-    ``torch._dynamo.reset()`` or an evicted entry can never leave a stale graph behind."""
+    always: a recompile, or an error; a call it does not serve returns _NOT_SERVED.
+    Entries are read afresh on every call, so ``torch._dynamo.reset()`` or an evicted
+    entry can never leave a stale graph behind."""
 
     def __init__(self, fn):
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-        self.entries = _debug_get_cache_entry_list
         self.fn = fn
         self.code = fn.__code__
         self.names = self.code.co_varnames[:self.code.co_argcount]
@@ -369,7 +373,7 @@ class _DirectCall:
     def __call__(self, args):
         if len(args) != len(self.names) or self.fn.__code__ is not self.code or torch.compiler.is_compiling():
             return _NOT_SERVED
-        entries = self.entries(self.code)
+        entries = _cache_entries(self.code)
         if not entries:
             return _NO_ENTRY
         f_locals = dict(zip(self.names, args))
