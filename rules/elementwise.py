@@ -60,7 +60,6 @@ UNARY = {
     aten.reciprocal.default: lambda x, y: -y * y,
     aten.tanh.default: lambda x, y: 1 - y * y,
     aten.sigmoid.default: lambda x, y: y * (1 - y),
-    aten.relu.default: lambda x, y: x > 0,
     aten.gelu.default: _gelu_deriv,
     aten.silu.default: _silu_deriv,
     aten.softplus.default: lambda x, y, beta, threshold: torch.where(
@@ -130,6 +129,16 @@ for _op, _d in UNARY.items():
     reg(_op, with_kernel(_rule, _unary_kernel(_op)) if _op in KERNEL_UNARY else _rule)
 
 reg(aten.polygamma.default, elementwise(aten.polygamma.default, None, lambda n, x, y: torch.polygamma(n + 1, x)))
+
+
+def _relu(p, t):
+    y = aten.relu.default(p[0])
+    # torch's own formula: the tangent passes where y > 0, one op (a mask and a product
+    # would be two, the product casting the mask)
+    return y, None if t[0] is None else aten.threshold_backward.default(t[0], y, 0)
+
+
+reg(aten.relu.default, _relu)
 def _log_sigmoid_forward(p, t):
     out = aten.log_sigmoid_forward.default(p[0])  # (y, buffer); on CPU buffer = exp(-|x|)
     if t[0] is None:

@@ -21,6 +21,16 @@ def _left(a, tb):
 
 
 def _mm_tangent(a, b, ta, tb):
+    t = ta if ta is not None else tb
+    if t is not None and t.shape[0] == 1:
+        # K = 1: products of the tangents without their K dimension, the second
+        # accumulated into the first -- five ops where the chunked form below is up to
+        # fifteen once matmul decomposes, each a Python call in the graph path
+        prod, acc = (aten.mm.default, aten.addmm.default) if a.dim() == 2 else (aten.bmm.default, aten.baddbmm.default)
+        out = None if ta is None else prod(ta[0], b)
+        if tb is not None:
+            out = prod(a, tb[0]) if out is None else acc(out, a, tb[0])
+        return out.unsqueeze(0)
     out = None
     if ta is not None:
         out = torch.matmul(ta, b)
@@ -257,6 +267,12 @@ def _tri(n, upper=False):
 TEST_CASES = [
     case("mm", torch.mm, lambda: (randn(3, 4), randn(4, 2))),
     case("bmm", torch.bmm, lambda: (randn(2, 3, 4), randn(2, 4, 5))),
+    # one operand active: each product of the K = 1 shortcut and of the chunked form alone
+    case("mm_left_only", torch.mm, lambda: (randn(3, 4), randn(4, 2)), argnums=(0,)),
+    case("mm_right_only", torch.mm, lambda: (randn(3, 4), randn(4, 2)), argnums=(1,)),
+    case("bmm_right_only", torch.bmm, lambda: (randn(2, 3, 4), randn(2, 4, 5)), argnums=(1,)),
+    case("addmm_bias_and_right", lambda c, a, b: torch.addmm(c, a, b, alpha=3.0), lambda: (randn(3, 2), randn(3, 4), randn(4, 2)),
+         argnums=(0, 2)),
     case("addmm", lambda c, a, b: torch.addmm(c, a, b, beta=0.5, alpha=2.0), lambda: (randn(2), randn(3, 4), randn(4, 2))),
     case("baddbmm", lambda c, a, b: torch.baddbmm(c, a, b, alpha=0.5), lambda: (randn(2, 3, 5), randn(2, 3, 4), randn(2, 4, 5))),
     case("matmul_nd", torch.matmul, lambda: (randn(2, 3, 4), randn(4, 5))),
