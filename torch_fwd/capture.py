@@ -149,6 +149,9 @@ class _Channel(threading.local):
 _channel = _Channel()
 
 
+_grad_enabled = torch._C.is_grad_enabled
+
+
 class _CompiledGraph:
     """What our dynamo backend returns for one captured graph."""
 
@@ -177,25 +180,27 @@ class _CompiledGraph:
             outs = ch.interpret(gm, args, ch)
             ch.ran += 1
             return outs
-        tangents = [ch.tangents.get(id(a)) if isinstance(a, torch.Tensor) else None for a in args]
+        # (the map is keyed by the primals' ids: no other argument, tensor or not, is among them)
+        get = ch.tangents.get
+        tangents = [get(id(a)) for a in args]
         # a graph whose outputs autograd will differentiate is built with rules autograd
         # can differentiate (engine.for_autograd); dynamo guards on grad mode and on
         # requires_grad, so this bit is decided once per compiled graph and call pattern
-        grad = torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in list(args) + tangents)
+        grad = _grad_enabled() and any(getattr(a, "requires_grad", False) for a in (*args, *tangents))
         # (jvp(compile=...) asks for the JVP graph compiled by Inductor: a property of the
         # call, not of the capture, so the graph path and the compiled path share dynamo's
         # cache entries and neither can be served the other's graph)
-        key = (tuple(t is not None for t in tangents), ch.chunk, registry.generation(), grad, ch.inductor_key)
+        key = (tuple([t is not None for t in tangents]), ch.chunk, registry._generation[0], grad, ch.inductor_key)
         jg = self.jvp_graphs.get(key)  # (a dict read needs no lock; building one does)
         if jg is None:
             jg = self._build(key, args, tangents, grad, ch)
         outs, touts, mutated = jg(args, tangents)
+        results = ch.results
         for o, t in zip(outs, touts):
             if t is not None:
-                ch.results[id(o)] = t
+                results[id(o)] = t
         for i, t in mutated.items():
-            ch.results[id(args[i])] = t
+            results[id(args[i])] = t
         ch.ran += 1
         return outs
 
@@ -209,6 +214,9 @@ class _CompiledGraph:
                     if ch.inductor is not None:
                         from .backend import compile_jvp_graph
                         jg = compile_jvp_graph(jg, args, tangents, ch.inductor)
+                    else:
+                        # (a graph autograd will differentiate keeps to Python bindings)
+                        jg.trace_when_reused = not grad
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
                     raise CaptureFailed(str(e)) from e
                 self.jvp_graphs[key] = jg
