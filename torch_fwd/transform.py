@@ -18,7 +18,7 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from . import bindings, engine
+from . import bindings, scripted, engine
 from .dual import Dual, DualMode, entered_level, is_view, unwrap_tree
 from .tangent import zeros_tangent
 
@@ -84,6 +84,11 @@ class JVPGraph:
     # what runs: for an fx graph, its copy calling Python bindings (bindings.py), made on
     # the first call; a compiled graph (Inductor's callable) runs as it is
     _forward: object = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    # set by the graph path's cache for graphs it calls again and again: from the second
+    # call on, the graph runs as a TorchScript trace where one can be trusted (scripted.py;
+    # not on the first: a graph run once, as _traced_once's, would pay for nothing)
+    trace_when_reused: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
+    _to_trace: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self, primals, tangents):
         """primals: all graph inputs; tangents: one per input (None: zero). Returns
@@ -91,8 +96,19 @@ class JVPGraph:
         args = list(primals) + [t for t, a in zip(tangents, self.active_inputs) if a]
         forward = self._forward
         if forward is None:
-            forward = self._forward = bindings.runner(self.gm) if isinstance(self.gm, fx.GraphModule) else self.gm
-        res = forward(*args)
+            if isinstance(self.gm, fx.GraphModule):
+                forward = self._forward = bindings.runner(self.gm)
+                self._to_trace = self.trace_when_reused and scripted.traceable(self.gm)
+            else:
+                forward = self._forward = self.gm
+            res = forward(*args)
+        elif self._to_trace:
+            self._to_trace = False
+            traced, res = scripted.traced_runner(self.gm, forward, args)
+            if traced is not None:
+                self._forward = traced
+        else:
+            res = forward(*args)
         n_outputs = len(self.active_outputs)
         outs = list(res[:n_outputs])
         it = iter(res[n_outputs:])
