@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from torch_fwd.combinators import elementwise, linear, unary, with_kernel, zero
+from torch_fwd.combinators import elementwise, fused, linear, unary, with_kernel, zero
 from torch_fwd.engine import for_autograd
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
@@ -23,24 +23,12 @@ def _f(mask, like):
     return mask.to(like.dtype)
 
 
-# ---- unary: dy = f'(x, y) dx ----------------------------------------------------------
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def _gelu_deriv(x, y, approximate="none"):
-    if approximate == "tanh":
-        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
-        th = torch.tanh(inner)
-        return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-    return 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0)))) + x * _INV_SQRT_2PI * torch.exp(-0.5 * x * x)
-
-
-def _silu_deriv(x, y):
+def _silu_deriv(x):
     s = torch.sigmoid(x)
     return s * (1 + x * (1 - s))
 
 
+# ---- unary: dy = f'(x, y) dx ----------------------------------------------------------
 # (a derivative that is a mask stays boolean where the tangent is only multiplied by it:
 # t * mask promotes to t's dtype in one op, where a cast first would be a second)
 UNARY = {
@@ -58,18 +46,6 @@ UNARY = {
     aten.sqrt.default: lambda x, y: 0.5 / y,
     aten.rsqrt.default: lambda x, y: -0.5 * y * y * y,
     aten.reciprocal.default: lambda x, y: -y * y,
-    aten.tanh.default: lambda x, y: 1 - y * y,
-    aten.sigmoid.default: lambda x, y: y * (1 - y),
-    aten.gelu.default: _gelu_deriv,
-    aten.silu.default: _silu_deriv,
-    aten.softplus.default: lambda x, y, beta, threshold: torch.where(
-        x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta)),
-    aten.elu.default: lambda x, y, alpha, scale, input_scale: torch.where(
-        x > 0, torch.full_like(x, float(scale)), alpha * scale * input_scale * torch.exp(x * input_scale)),
-    aten.leaky_relu.default: lambda x, y, slope: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, float(slope))),
-    aten.hardtanh.default: lambda x, y, lo, hi: (x > lo) & (x < hi),
-    aten.hardsigmoid.default: lambda x, y: _f((x > -3) & (x < 3), x) / 6,
-    aten.hardswish.default: lambda x, y: torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, (2 * x + 3) / 6, torch.ones_like(x))),
     aten.erf.default: lambda x, y: (2 / math.sqrt(math.pi)) * torch.exp(-x * x),
     aten.erfc.default: lambda x, y: (-2 / math.sqrt(math.pi)) * torch.exp(-x * x),
     aten.erfinv.default: lambda x, y: (math.sqrt(math.pi) / 2) * torch.exp(y * y),
@@ -93,6 +69,30 @@ UNARY = {
     aten.pow.Tensor_Scalar: lambda x, y, e: torch.zeros_like(x) if e == 0 else e * torch.pow(x, e - 1),
     aten.logit.default: lambda x, y, eps=None: (x * (1 - x)).reciprocal() if eps is None
         else torch.where((x < eps) | (x > 1 - eps), torch.zeros_like(x), (x * (1 - x)).reciprocal()),
+}
+# PyTorch's fused derivative kernels, dy = backward(dx, x, y, *params) in one op: the
+# formulas torch's own forward AD uses (so the kinks follow torch), where f'(x) * dx
+# would be up to nine ops (gelu), each a kernel launch and a Python call in the graph and
+# eager paths. Their tangent broadcasts against x like any binary op. (tanh and sigmoid
+# keep the formula for complex inputs: the kernels conjugate, for backpropagation.)
+FUSED = {
+    aten.relu.default: lambda t, x, y: aten.threshold_backward.default(t, y, 0),
+    # (gelu_backward's oneDNN path on CPU fails on a broadcast input: x expanded first)
+    aten.gelu.default: lambda t, x, y, approximate="none": aten.gelu_backward.default(
+        t, x.expand_as(t), approximate=approximate),
+    # (silu_backward and hardsigmoid_backward have no derivative in autograd: a graph
+    # autograd will differentiate gets the formula)
+    aten.silu.default: lambda t, x, y: t * _silu_deriv(x) if for_autograd() else aten.silu_backward.default(t, x),
+    aten.softplus.default: lambda t, x, y, beta, threshold: aten.softplus_backward.default(t, x, beta, threshold),
+    aten.elu.default: lambda t, x, y, alpha, scale, input_scale: aten.elu_backward.default(
+        t, alpha, scale, input_scale, False, x),
+    aten.leaky_relu.default: lambda t, x, y, slope: aten.leaky_relu_backward.default(t, x, slope, False),
+    aten.hardtanh.default: lambda t, x, y, lo, hi: aten.hardtanh_backward.default(t, x, lo, hi),
+    aten.hardsigmoid.default: lambda t, x, y: t * (_f((x > -3) & (x < 3), x) / 6) if for_autograd()
+        else aten.hardsigmoid_backward.default(t, x),
+    aten.hardswish.default: lambda t, x, y: aten.hardswish_backward.default(t, x),
+    aten.tanh.default: lambda t, x, y: t * (1 - y * y) if y.is_complex() else aten.tanh_backward.default(t, y),
+    aten.sigmoid.default: lambda t, x, y: t * (y * (1 - y)) if y.is_complex() else aten.sigmoid_backward.default(t, y),
 }
 # ops with a fused Triton kernel (triton_kernels/elementwise.py): the kernel's name and
 # its two float parameters, from the op's arguments; None: this call has no kernel
@@ -124,21 +124,11 @@ def _unary_kernel(op):
     return try_kernel
 
 
-for _op, _d in UNARY.items():
-    _rule = unary(_op, _d)
+for _op, _rule in [(op, unary(op, d)) for op, d in UNARY.items()] + [(op, fused(op, b)) for op, b in FUSED.items()]:
     reg(_op, with_kernel(_rule, _unary_kernel(_op)) if _op in KERNEL_UNARY else _rule)
 
 reg(aten.polygamma.default, elementwise(aten.polygamma.default, None, lambda n, x, y: torch.polygamma(n + 1, x)))
 
-
-def _relu(p, t):
-    y = aten.relu.default(p[0])
-    # torch's own formula: the tangent passes where y > 0, one op (a mask and a product
-    # would be two, the product casting the mask)
-    return y, None if t[0] is None else aten.threshold_backward.default(t[0], y, 0)
-
-
-reg(aten.relu.default, _relu)
 def _log_sigmoid_forward(p, t):
     out = aten.log_sigmoid_forward.default(p[0])  # (y, buffer); on CPU buffer = exp(-|x|)
     if t[0] is None:
@@ -359,4 +349,11 @@ TEST_CASES = [
     # the saved buffer (exp(-|x|) on CPU) moves with x; torch.func gives it a zero tangent
     case("log_sigmoid_forward_buffer", lambda x: torch.ops.aten.log_sigmoid_forward.default(x),
          lambda: (randn(3, 4),), check_torch_func=False),
+] + [
+    # float32: gelu_backward's oneDNN path (taken for float32 on CPU) and the other fused
+    # derivative kernels with a tangent of K directions broadcast against x
+    case(f"{name}_float32", fn, lambda: (randn(4, 8).float(),), atol=1e-4, rtol=1e-3) for name, fn in [
+        ("gelu", F.gelu), ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")), ("silu", F.silu),
+        ("tanh", torch.tanh), ("sigmoid", torch.sigmoid), ("relu", torch.relu), ("elu", F.elu),
+        ("hardswish", lambda x: F.hardswish(x * 4)), ("leaky_relu", lambda x: F.leaky_relu(x, 0.1))]
 ]

@@ -21,6 +21,16 @@ def unary(op, deriv):
     return elementwise(op, lambda x, *rest: deriv(x, rest[-1], *rest[:-1]))
 
 
+def fused(op, backward):
+    """y = op(x, *params); dy = backward(dx, x, y, *params), one of PyTorch's fused
+    derivative kernels (gelu_backward, ...): one op where f'(x) * dx is several."""
+    def rule(p, t):
+        y = call_op(op, p)
+        return y, None if t[0] is None else backward(t[0], p[0], y, *p[1:])
+    rule.__name__ = f"fused_rule_{op}"
+    return rule
+
+
 def elementwise(op, *derivs):
     """y = op(a, b, ...); dy = sum_i deriv_i(*primals, y) * da_i with broadcasting.
 
