@@ -44,7 +44,12 @@ def elementwise(op, *derivs):
             ti = t[i] if i < len(t) else None
             if ti is None or d is None:
                 continue
-            out = tadd(out, align(ti, nd) * d(*p, y))
+            ti, di = align(ti, nd), d(*p, y)
+            if out is not None and isinstance(di, torch.Tensor) and out.dtype == ti.dtype == di.dtype:
+                # the running sum and this product in one op: one pass over the output, not two
+                out = torch.addcmul(out, ti, di)
+            else:
+                out = tadd(out, ti * di)
         return y, out
     rule.__name__ = f"elementwise_rule_{op}"
     return rule
