@@ -120,13 +120,15 @@ def _graph(fn, *args):
     return make_fx(fn)(*args)
 
 
+def _chain(a):
+    """MIN_OPS ops: just long enough to be traced."""
+    for _ in range(scripted.MIN_OPS):
+        a = a.sin()
+    return (a,)
+
+
 def test_traceable_rules():
     x = torch.randn(4)
-
-    def long(a):
-        for _ in range(scripted.MIN_OPS):
-            a = a.sin()
-        return a
 
     def short(a):
         return a.sin()
@@ -143,7 +145,7 @@ def test_traceable_rules():
             a = a.sin()
         return a + torch.rand(4)
 
-    assert scripted.traceable(_graph(long, x))
+    assert scripted.traceable(_graph(_chain, x))
     assert not scripted.traceable(_graph(short, x))
     assert not scripted.traceable(_graph(mutating, x))
     assert not scripted.traceable(_graph(random, x))
@@ -151,30 +153,18 @@ def test_traceable_rules():
 
 def test_trace_not_trusted_when_outputs_differ():
     x = torch.randn(4)
-
-    def long(a):
-        for _ in range(scripted.MIN_OPS):
-            a = a.sin()
-        return (a,)
-
-    gm = _graph(long, x)
+    gm = _graph(_chain, x)
     wrong = lambda *a: (gm(*a)[0] + 1,)  # noqa: E731 - a reference that disagrees
     run, res = scripted.traced_runner(gm, wrong, [x])
-    assert run is None and torch.equal(res[0], long(x)[0] + 1)
+    assert run is None and torch.equal(res[0], _chain(x)[0] + 1)
     run, res = scripted.traced_runner(gm, gm, [x])
-    assert run is not None and torch.equal(run(x)[0], long(x)[0])
+    assert run is not None and torch.equal(run(x)[0], _chain(x)[0])
 
 
 def test_executor_optimisation_switch_restored():
     before = torch._C._get_graph_executor_optimize()
     x = torch.randn(4)
-
-    def long(a):
-        for _ in range(scripted.MIN_OPS):
-            a = a.cos()
-        return (a,)
-
-    gm = _graph(long, x)
+    gm = _graph(_chain, x)
     run, _ = scripted.traced_runner(gm, gm, [x])
     run(x)
     assert torch._C._get_graph_executor_optimize() == before
