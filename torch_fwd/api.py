@@ -116,6 +116,18 @@ def _signature(flat_p, chunk):
 
 
 def _capture_for(func):
+    # (the hit is read without the lock: each OrderedDict operation is one C call under the
+    # GIL, and a key another thread drops in between is simply made again)
+    try:
+        cap = _captures.get(func)
+    except TypeError:  # an unhashable callable: not cached
+        return GuardedCapture(func)
+    if cap is not None:
+        try:
+            _captures.move_to_end(func)
+            return cap
+        except KeyError:
+            pass
     return _cached(func, lambda: GuardedCapture(func))
 
 
@@ -333,8 +345,9 @@ def _inside_another_transform(flat_p, flat_t) -> bool:
     """Whether this jvp runs inside another one (or inside a make_fx trace): its inputs
     are Duals, functional or fake tensors, or a dispatch mode is active. Its eager path
     then runs, at a new level, and the enclosing transform differentiates or records it."""
-    for x in flat_p + flat_t:
-        if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch._is_functional_tensor(x):
+    both = flat_p + flat_t
+    for x in both:
+        if _is_wrapped(x) or _is_functional(x):
             # a Dual cannot wrap these: its ops would skip the wrapper's transform
             raise NotImplementedError(
                 "torch_fwd.jvp inside a torch.func transform (vmap, grad, jvp, functionalize) is not "
@@ -342,7 +355,14 @@ def _inside_another_transform(flat_p, flat_t) -> bool:
                 "chunked=True instead of vmap")
     if torch._C._len_torch_dispatch_stack() > 0:
         return True
-    return any(isinstance(x, Dual) for x in flat_p + flat_t)
+    for x in both:
+        if type(x) is not torch.Tensor and isinstance(x, Dual):
+            return True
+    return False
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_functional = torch._is_functional_tensor
 
 
 def _traced_once(func, flat_p, ts, spec, chunk, has_aux):

@@ -296,7 +296,7 @@ class GuardedCapture:
         ch = _channel
         if ch.tangents is not None:
             raise CaptureFailed("nested torch_fwd.jvp runs eagerly")
-        if len({id(p) for p in flat_primals}) < len(flat_primals):
+        if len(flat_primals) > 1 and len({id(p) for p in flat_primals}) < len(flat_primals):
             # one tensor passed twice with two tangents: identity cannot tell them apart
             raise CaptureFailed("the same tensor object is passed as two primals")
         ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}

@@ -90,6 +90,10 @@ class JVPGraph:
     trace_when_reused: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
     _to_trace: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
+    def __post_init__(self):
+        # (every output with a tangent and no input mutated: the results split in two)
+        self._every_output_active = all(self.active_outputs) and not self.mutated_inputs
+
     def __call__(self, primals, tangents):
         """primals: all graph inputs; tangents: one per input (None: zero). Returns
         (outputs, output tangents with None for zero, {input index: new tangent})."""
@@ -110,6 +114,8 @@ class JVPGraph:
         else:
             res = forward(*args)
         n_outputs = len(self.active_outputs)
+        if self._every_output_active:
+            return list(res[:n_outputs]), list(res[n_outputs:]), {}
         outs = list(res[:n_outputs])
         it = iter(res[n_outputs:])
         touts = [next(it) if a else None for a in self.active_outputs]
