@@ -129,6 +129,7 @@ for _op, _rule in [(op, unary(op, d)) for op, d in UNARY.items()] + [(op, fused(
 
 reg(aten.polygamma.default, elementwise(aten.polygamma.default, None, lambda n, x, y: torch.polygamma(n + 1, x)))
 
+
 def _log_sigmoid_forward(p, t):
     out = aten.log_sigmoid_forward.default(p[0])  # (y, buffer); on CPU buffer = exp(-|x|)
     if t[0] is None:
