@@ -334,6 +334,30 @@ def test_capture_cache_is_bounded_for_lambdas_made_every_step():
     torch.testing.assert_close(t, 2 * torch.cos(x) * v)
 
 
+def test_capture_cache_keeps_what_is_used_and_skips_unhashable_callables():
+    from torch_fwd import api
+
+    def hot(x):
+        return torch.cos(x) * 3
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, x):
+            return torch.sin(x)
+
+    x, v = rand(3), rand(3)
+    torch_fwd.jvp(hot, (x,), (v,))
+    for i in range(api._CAPTURE_CACHE_SIZE + 20):
+        torch_fwd.jvp(lambda x: torch.sin(x) * 2, (x,), (v,))
+        torch_fwd.jvp(hot, (x,), (v,))  # used all along: never the least recent
+    assert hot in api._captures
+    n = len(api._captures)
+    _, t = torch_fwd.jvp(Unhashable(), (x,), (v,))
+    torch.testing.assert_close(t, torch.cos(x) * v)
+    assert len(api._captures) == n
+
+
 @pytest.mark.parametrize("path", ["eager", "graph"])
 def test_rrelu_training_uses_the_primal_slopes(path):
     x, v = rand(50), rand(50)

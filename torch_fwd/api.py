@@ -116,28 +116,24 @@ def _signature(flat_p, chunk):
 
 
 def _capture_for(func):
-    # (the hit is read without the lock: each OrderedDict operation is one C call under the
-    # GIL, and a key another thread drops in between is simply made again)
-    try:
-        cap = _captures.get(func)
-    except TypeError:  # an unhashable callable: not cached
-        return GuardedCapture(func)
-    if cap is not None:
-        try:
-            _captures.move_to_end(func)
-            return cap
-        except KeyError:
-            pass
     return _cached(func, lambda: GuardedCapture(func))
 
 
 def _cached(key, make):
     """``_captures[key]``, made by ``make()`` on a miss; least recently used dropped past
     the bound. An unhashable key (a function object that is not hashable) is not cached."""
+    # (a hit is read without the lock: each OrderedDict operation is one C call under the
+    # GIL, and a key another thread drops in between is simply made again below)
     try:
-        hash(key)
+        obj = _captures.get(key)
     except TypeError:
         return make()
+    if obj is not None:
+        try:
+            _captures.move_to_end(key)
+            return obj
+        except KeyError:
+            pass
     with _captures_lock:
         obj = _captures.get(key)
         if obj is None:
