@@ -190,7 +190,7 @@ class _CompiledGraph:
         # (jvp(compile=...) asks for the JVP graph compiled by Inductor: a property of the
         # call, not of the capture, so the graph path and the compiled path share dynamo's
         # cache entries and neither can be served the other's graph)
-        key = (tuple([t is not None for t in tangents]), ch.chunk, registry._generation[0], grad, ch.inductor_key)
+        key = (tuple([t is not None for t in tangents]), ch.chunk, registry.generation(), grad, ch.inductor_key)
         jg = self.jvp_graphs.get(key)  # (a dict read needs no lock; building one does)
         if jg is None:
             jg = self._build(key, args, tangents, grad, ch)
