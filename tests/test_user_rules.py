@@ -96,6 +96,7 @@ def test_user_rule_overrides_library_rule_and_invalidates_cached_graphs():
         return torch.sin(x)
     _, before = torch_fwd.jvp(f, (x,), (v,))
     assert torch_fwd.explain() == "graph"
+    torch_fwd.jvp(f, (x,), (v,), path="eager")  # the eager path's per-op cache has seen sin
     op = torch.ops.aten.sin.default
 
     def wrong_on_purpose(primals, tangents):

@@ -91,7 +91,7 @@ class Dual(torch.Tensor):
         if tangent is not None:
             if not isinstance(tangent, torch.Tensor):
                 raise TypeError(f"Dual: tangent must be a Tensor or None, got {type(tangent).__name__}")
-            if tuple(tangent.shape[1:]) != tuple(primal.shape):
+            if tangent.shape[1:] != primal.shape:
                 raise ValueError(f"Dual: tangent shape {tuple(tangent.shape)} is not (K, *{tuple(primal.shape)})")
 
     @property
@@ -214,6 +214,36 @@ def is_view(func) -> bool:
     return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
 
 
+# Per-op facts the dispatch needs, keyed by id(func) like registry's caches: (func, an
+# in-place view op, a mutating op, a view op whose result carries its base's tangent).
+_facts: dict[int, tuple] = {}
+
+
+def _op_facts(func):
+    f = _facts.get(id(func))
+    if f is None:
+        f = _facts[id(func)] = (func, torch.Tag.inplace_view in func.tags, func._schema.is_mutable,
+                                is_view(func) and func not in _TANGENT_DROPPING_VIEWS)
+    return f
+
+
+def _split(full, level):
+    """(primals, tangents) of normalized arguments, this level's Duals unwrapped."""
+    primals, tangents = [], []
+    for a in full:
+        if isinstance(a, Dual) and a._level == level:
+            primals.append(a.primal)
+            t = a._tangent
+            tangents.append(t if t is not None or a._view_of is None else a.tangent)
+        elif isinstance(a, (list, tuple)):
+            primals.append(_p(a, level))
+            tangents.append(_t(a, level))
+        else:
+            primals.append(a)
+            tangents.append(None)
+    return tuple(primals), tuple(tangents)
+
+
 def dispatch(func, args, kwargs, mode, level):
     prev = _levels.handling
     _levels.handling = level
@@ -224,10 +254,8 @@ def dispatch(func, args, kwargs, mode, level):
 
 
 def _dispatch(func, args, kwargs, mode, level):
-    kwargs = kwargs or {}
     full = registry.normalize(func, args, kwargs)
-    primals = tuple(_p(a, level) for a in full)
-    tangents = tuple(_t(a, level) for a in full)
+    primals, tangents = _split(full, level)
     if torch.is_grad_enabled() and _requires_grad(primals, tangents):
         raise RuntimeError(
             f"torch_fwd's eager path does not record autograd history: {func} got a tensor that "
@@ -235,15 +263,16 @@ def _dispatch(func, args, kwargs, mode, level):
             f"  at {user_source_line()}\n"
             f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
             f"capturable (no graph break) so that the graph path runs, which autograd sees.")
-    if torch.Tag.inplace_view in func.tags:
+    _, inplace_view, mutable, view = _op_facts(func)
+    if inplace_view:
         return _inplace_view(func, args, kwargs, full, primals, level)
-    if func._schema.is_mutable and registry.lookup(func) is None:
+    if mutable and registry.resolve(func)[0] is None:
         # (an op with its own rule, e.g. batch norm updating running statistics, mutates
         # inside the rule by calling the op itself)
         return _mutating(func, full, primals, tangents, mode, level)
     out, tout = jvp_op(func, primals, tangents)
     view_base = None
-    if is_view(func) and func not in _TANGENT_DROPPING_VIEWS and isinstance(full[0], torch.Tensor):
+    if view and isinstance(full[0], torch.Tensor):
         # a view of a tensor torch_fwd does not track (a global, a buffer) stays untracked
         view_base = full[0] if _mine(full[0], level) else _UNTRACKED
     return _wrap(func, out, tout, mode, view_base, primals, level)

@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 from torch._ops import OpOverload
 
 from . import registry
-from .registry import NoRuleError, call_op, lookup
+from .registry import NoRuleError, call_op
 from .tangent import align, is_differentiable
 
 aten = torch.ops.aten
@@ -139,12 +139,11 @@ def jvp_op(op, primals: tuple, tangents: tuple):
     """(primal_out, tangent_out) of ``op`` at ``primals`` along ``tangents`` (normalized)."""
     if not any_active(tangents):
         return call_op(op, primals), None
-    rule = lookup(op)
+    rule, complex_ok = registry.resolve(op)
     # Library rules are written for real tensors (abs' derivative is not sign(z) for a
     # complex z): complex inputs take PyTorch's own formulas, never a real-only rule
     # (linear rules, dy = op(dx), are marked complex_safe and do apply; user rules always do).
-    if rule is not None and (getattr(rule, "complex_safe", False) or registry.is_user_rule(op)
-                             or not _any_complex(primals)):
+    if rule is not None and (complex_ok or not _any_complex(primals)):
         out, tout = rule(primals, tangents)
         return out, _fix_tangent(op, out, tout)
     return _fallback(op, primals, tangents)

@@ -11,7 +11,6 @@ forward-AD formula batched over the chunk, the double-vjp identity, then NoRuleE
 """
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Any, Callable
 
@@ -115,10 +114,34 @@ def is_user_rule(op) -> bool:
     return op in _USER or (isinstance(op, OpOverload) and op.overloadpacket in _USER)
 
 
-@functools.lru_cache(maxsize=None)
+# Per-op caches keyed by id(op): an OpOverload's __hash__ is Python code, and the eager
+# path asks these questions on every op. Each entry holds the op itself, so its id
+# cannot be reused while the entry lives.
+_resolved: dict[int, tuple] = {}
+_schemas: dict[int, tuple] = {}
+
+
+def resolve(op) -> tuple[Rule | None, bool]:
+    """(lookup(op), whether that rule also applies to complex inputs: user rules and
+    rules marked ``complex_safe``), remembered per op until the table changes (the
+    generation is part of the entry, so a registration racing a reader is never lost)."""
+    hit = _resolved.get(id(op))
+    gen = _generation[0]
+    if hit is not None and hit[1] == gen and hit[0] is op:
+        return hit[2], hit[3]
+    rule = lookup(op)
+    complex_ok = rule is not None and (getattr(rule, "complex_safe", False) or is_user_rule(op))
+    _resolved[id(op)] = (op, gen, rule, complex_ok)
+    return rule, complex_ok
+
+
 def _schema(op: OpOverload):
-    return tuple((a.name, a.kwarg_only, a.has_default_value(), a.default_value if a.has_default_value() else None)
-                 for a in op._schema.arguments)
+    hit = _schemas.get(id(op))
+    if hit is None:
+        hit = _schemas[id(op)] = (op, tuple(
+            (a.name, a.kwarg_only, a.has_default_value(), a.default_value if a.has_default_value() else None)
+            for a in op._schema.arguments))
+    return hit[1]
 
 
 def normalize(op: OpOverload, args: tuple, kwargs: dict | None) -> tuple:
@@ -150,5 +173,17 @@ def split_args(op: OpOverload, full_args) -> tuple[tuple, dict]:
 
 def call_op(op: OpOverload, full_args) -> Any:
     """Call ``op`` with arguments in the layout :func:`normalize` returns."""
+    if not _has_kwarg_only(op):
+        return op(*full_args)
     pos, kw = split_args(op, full_args)
     return op(*pos, **kw)
+
+
+_kwarg_only: dict[int, tuple] = {}
+
+
+def _has_kwarg_only(op) -> bool:
+    hit = _kwarg_only.get(id(op))
+    if hit is None:
+        hit = _kwarg_only[id(op)] = (op, any(kwonly for _n, kwonly, _h, _d in _schema(op)))
+    return hit[1]
