@@ -459,10 +459,17 @@ def _collect(res, tangent_for, chunk):
 
 def _eager(func, flat_p, ts, spec, chunk, has_aux, dual_mode=True):
     # clone: an in-place op on an input inside func must not write into the caller's tangent
-    raw, traw = run_with_duals(func, pytree.tree_unflatten(flat_p, spec), {},
-                               pytree.tree_unflatten([t.clone() for t in ts], spec), {}, dual_mode)
+    cloned = [t.clone() for t in ts]
+    if spec is _flat_specs.get(len(flat_p)):  # primals a flat tuple of tensors
+        args, targs = tuple(flat_p), tuple(cloned)
+    else:
+        args, targs = pytree.tree_unflatten(flat_p, spec), pytree.tree_unflatten(cloned, spec)
+    raw, traw = run_with_duals(func, args, {}, targs, {}, dual_mode)
     res, aux = _split_aux(raw, has_aux)
-    flat_t = pytree.tree_leaves(traw[0] if has_aux else traw, is_leaf=lambda x: x is None)
+    tres = traw[0] if has_aux else traw
+    if type(res) is torch.Tensor:
+        return res, _collect(res, lambda i, o: tres, chunk), aux
+    flat_t = pytree.tree_leaves(tres, is_leaf=lambda x: x is None)
     return res, _collect(res, lambda i, o: flat_t[i], chunk), aux
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
+from . import triton_kernels
+from .engine import for_autograd
 from .registry import call_op
 from .tangent import align, tadd
 
@@ -148,11 +150,9 @@ def with_kernel(rule, try_kernel):
     kernel does not cover (float64, long rows, dropout); ``rule`` runs otherwise. The
     kernels are tested against ``rule``."""
     def wrapped(p, t):
-        from torch_fwd import triton_kernels
-        from torch_fwd.engine import for_autograd
         # (a CUDA tensor exists only once CUDA is initialised: on a CPU, unless asked for
         # the interpreter's kernels, the rule runs without looking at the arguments)
-        if not (torch.cuda.is_initialized() or triton_kernels.kernels_on_cpu()):
+        if not torch.cuda.is_initialized() and not triton_kernels.kernels_on_cpu():
             return rule(p, t)
         tensors = [x for x in pytree.tree_leaves((p, t)) if isinstance(x, torch.Tensor)]
         res = try_kernel(p, t) if triton_kernels.use_kernels(*tensors) and not for_autograd() else None

@@ -144,8 +144,21 @@ class Dual(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # no mode: Duals used directly; the innermost level among the arguments acts
-        level = max(x._level for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, Dual))
-        return dispatch(func, args, kwargs, None, level)
+        return dispatch(func, args, kwargs, None, _innermost_level(args, kwargs))
+
+
+def _innermost_level(args, kwargs) -> int:
+    """The highest level of a Dual among an op's arguments (a Tensor[] argument is a list:
+    ATen arguments nest no deeper)."""
+    level = 0
+    for a in (*args, *kwargs.values()) if kwargs else args:
+        if isinstance(a, Dual):
+            level = max(level, a._level)
+        elif isinstance(a, (list, tuple)):
+            for x in a:
+                if isinstance(x, Dual):
+                    level = max(level, x._level)
+    return level
 
 
 def zeros_in_layout_of(p: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -482,7 +495,10 @@ def run_with_duals(fn, args, kwargs, targs, tkwargs, dual_mode=True):
     Arguments may be Duals of enclosing levels: they are wrapped again, and come back out
     still carrying their own levels' tangents (nested differentiation)."""
     chunk = None
-    for t in pytree.tree_leaves((targs, tkwargs)):
+    # (a flat tuple of tensors, the common case, without pytree's walk)
+    leaves = targs if not tkwargs and all(isinstance(t, torch.Tensor) for t in targs) else \
+        pytree.tree_leaves((targs, tkwargs))
+    for t in leaves:
         if isinstance(t, torch.Tensor):
             chunk = t.shape[0]
             break
@@ -516,6 +532,8 @@ def run_with_duals(fn, args, kwargs, targs, tkwargs, dual_mode=True):
 def unwrap_tree(out, level=None):
     """(primals, tangents) of a pytree of Duals of ``level`` (default: the innermost level
     among its leaves); other leaves are primals with no tangent."""
+    if isinstance(out, Dual) and (level is None or out._level == level):
+        return out.primal, out.tangent
     flat, spec = pytree.tree_flatten(out)
     if level is None:
         level = max((x._level for x in flat if isinstance(x, Dual)), default=0)
