@@ -227,17 +227,11 @@ def is_view(func) -> bool:
     return bool(rets) and rets[0].alias_info is not None and not rets[0].alias_info.is_write
 
 
-# Per-op facts the dispatch needs, keyed by id(func) like registry's caches: (func, an
-# in-place view op, a mutating op, a view op whose result carries its base's tangent).
-_facts: dict[int, tuple] = {}
-
-
+@registry.per_op
 def _op_facts(func):
-    f = _facts.get(id(func))
-    if f is None:
-        f = _facts[id(func)] = (func, torch.Tag.inplace_view in func.tags, func._schema.is_mutable,
-                                is_view(func) and func not in _TANGENT_DROPPING_VIEWS)
-    return f
+    """(an in-place view op, a mutating op, a view op whose result carries its base's tangent)"""
+    return (torch.Tag.inplace_view in func.tags, func._schema.is_mutable,
+            is_view(func) and func not in _TANGENT_DROPPING_VIEWS)
 
 
 def _split(full, level):
@@ -276,7 +270,7 @@ def _dispatch(func, args, kwargs, mode, level):
             f"  at {user_source_line()}\n"
             f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
             f"capturable (no graph break) so that the graph path runs, which autograd sees.")
-    _, inplace_view, mutable, view = _op_facts(func)
+    inplace_view, mutable, view = _op_facts(func)
     if inplace_view:
         return _inplace_view(func, args, kwargs, full, primals, level)
     if mutable and registry.resolve(func)[0] is None:
@@ -383,6 +377,17 @@ def _view_deriver(func, primals, index):
 # ---------------------------------------------------------------------------------------
 
 def functional_overload(func):
+    """The out-of-place overload an in-place or out= op computes (None: none exists; not
+    remembered, so an overload registered later is found)."""
+    return _functional_overload_found(func) or _find_functional_overload(func)
+
+
+@registry.per_op
+def _functional_overload_found(func):
+    return _find_functional_overload(func)
+
+
+def _find_functional_overload(func):
     schema = func._schema
     packet_name = schema.name.split("::")[1]
     ns = getattr(torch.ops, func.namespace)
@@ -406,9 +411,16 @@ def functional_overload(func):
     return None
 
 
+@registry.per_op
+def _written_and_kept(func):
+    """(the arguments a mutating op writes, the arguments its functional twin takes)"""
+    args = func._schema.arguments
+    return ([i for i, a in enumerate(args) if a.alias_info is not None and a.alias_info.is_write],
+            [i for i, a in enumerate(args) if not a.is_out])
+
+
 def _mutating(func, full, primals, tangents, mode, level):
-    schema = func._schema
-    written = [i for i, a in enumerate(schema.arguments) if a.alias_info is not None and a.alias_info.is_write]
+    written, keep = _written_and_kept(func)
     if not any(t is not None for t in tangents):
         # Nothing active flows in, the mutated tensors had no tangent: plain primal op.
         registry.call_op(func, primals)
@@ -418,7 +430,6 @@ def _mutating(func, full, primals, tangents, mode, level):
         raise registry.NoRuleError(
             f"torch_fwd: in-place/out= op {func} has no functional counterpart to take its rule "
             f"from.\n  at {user_source_line()}")
-    keep = [i for i, a in enumerate(schema.arguments) if not a.is_out]
     out, tout = jvp_op(fop, tuple(primals[i] for i in keep), tuple(tangents[i] for i in keep))
     outs = out if isinstance(out, (tuple, list)) else (out,)
     touts = tout if isinstance(tout, (tuple, list)) else (tout,) * len(outs)
@@ -456,8 +467,10 @@ def _write(func, target, value, tvalue, chunk, level):
         if tvalue is not None and target._view_of is _UNTRACKED:
             raise _untracked_write("a view of a tensor")
         target.primal.copy_(value)
-        if target._view_of not in (None, _UNTRACKED) and target.tangent is not None:
-            base = target._view_of[0]
+        # (identity tests: `in` would compare the view's base, a tensor, with the marker)
+        view_of = target._view_of
+        if view_of is not None and view_of is not _UNTRACKED and target.tangent is not None:
+            base = view_of[0]
             if base.tangent is not None and not shares_storage(target.tangent, base.tangent):
                 raise RuntimeError(
                     f"torch_fwd: {func} writes through a view whose tangent could not be formed as a "

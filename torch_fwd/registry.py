@@ -114,11 +114,24 @@ def is_user_rule(op) -> bool:
     return op in _USER or (isinstance(op, OpOverload) and op.overloadpacket in _USER)
 
 
-# Per-op caches keyed by id(op): an OpOverload's __hash__ is Python code, and the eager
-# path asks these questions on every op. Each entry holds the op itself, so its id
-# cannot be reused while the entry lives.
-_resolved: dict[int, tuple] = {}
-_schemas: dict[int, tuple] = {}
+def per_op(fn):
+    """``fn(op)`` remembered per op, keyed by id(op): an OpOverload's __hash__ is Python
+    code, and the eager path asks such questions on every op. Each entry holds the op
+    itself, so its id cannot be reused while the entry lives. For facts of an op's schema
+    only (not of the rule table: see resolve)."""
+    cache: dict[int, tuple] = {}
+
+    def get(op):
+        hit = cache.get(id(op))
+        if hit is None:
+            hit = cache[id(op)] = (op, fn(op))
+        return hit[1]
+    get.__name__ = get.__qualname__ = fn.__name__
+    get.__doc__ = fn.__doc__
+    return get
+
+
+_resolved: dict[int, tuple] = {}  # id(op) -> (op, generation, rule, complex_ok)
 
 
 def resolve(op) -> tuple[Rule | None, bool]:
@@ -135,13 +148,10 @@ def resolve(op) -> tuple[Rule | None, bool]:
     return rule, complex_ok
 
 
+@per_op
 def _schema(op: OpOverload):
-    hit = _schemas.get(id(op))
-    if hit is None:
-        hit = _schemas[id(op)] = (op, tuple(
-            (a.name, a.kwarg_only, a.has_default_value(), a.default_value if a.has_default_value() else None)
-            for a in op._schema.arguments))
-    return hit[1]
+    return tuple((a.name, a.kwarg_only, a.has_default_value(), a.default_value if a.has_default_value() else None)
+                 for a in op._schema.arguments)
 
 
 def normalize(op: OpOverload, args: tuple, kwargs: dict | None) -> tuple:
@@ -179,11 +189,6 @@ def call_op(op: OpOverload, full_args) -> Any:
     return op(*pos, **kw)
 
 
-_kwarg_only: dict[int, tuple] = {}
-
-
+@per_op
 def _has_kwarg_only(op) -> bool:
-    hit = _kwarg_only.get(id(op))
-    if hit is None:
-        hit = _kwarg_only[id(op)] = (op, any(kwonly for _n, kwonly, _h, _d in _schema(op)))
-    return hit[1]
+    return any(kwonly for _n, kwonly, _h, _d in _schema(op))
