@@ -66,7 +66,9 @@ UNARY = {
         & (x <= hi if hi is not None else torch.ones_like(x, dtype=torch.bool)), x),
     aten.clamp_min.default: lambda x, y, lo: x >= lo,
     aten.clamp_max.default: lambda x, y, hi: x <= hi,
-    aten.pow.Tensor_Scalar: lambda x, y, e: torch.zeros_like(x) if e == 0 else e * torch.pow(x, e - 1),
+    # (x ** 2: 2x, one op where pow(x, 1) * 2 is two)
+    aten.pow.Tensor_Scalar: lambda x, y, e: torch.zeros_like(x) if e == 0 else x * 2 if e == 2 else
+        e * torch.pow(x, e - 1),
     aten.logit.default: lambda x, y, eps=None: (x * (1 - x)).reciprocal() if eps is None
         else torch.where((x < eps) | (x > 1 - eps), torch.zeros_like(x), (x * (1 - x)).reciprocal()),
 }
@@ -170,7 +172,9 @@ def _binary_kernel(div):
     return try_kernel
 
 
-_div_tensor = with_kernel(elementwise(aten.div.Tensor, lambda a, b, y: 1 / b, lambda a, b, y: -y / b),
+# (b may be a Python number in a traced graph; `1 / b` of a tensor is reciprocal(b) * 1, two ops)
+_div_tensor = with_kernel(elementwise(aten.div.Tensor, lambda a, b, y: b.reciprocal() if isinstance(b, torch.Tensor)
+                                      else 1 / b, lambda a, b, y: -y / b),
                           _binary_kernel(True))
 _div_scalar = linear(aten.div.Scalar, lambda t, x, s: t / s)
 reg(aten.div.Tensor, _div_tensor)
