@@ -24,6 +24,12 @@ inlines a pointwise value into each reader until its op count passes
 the inlined expressions grow with every op and compiling takes minutes. Realising any
 buffer read more than once after a few ops keeps the kernels' expressions short; the
 memory traffic this adds is the values the JVP needs anyway.
+
+A JVP graph also has about three nodes per primal op, so Inductor's default cap of 64
+nodes per fused kernel (``max_fusion_size``) cuts its kernels about three times as often
+as the primal's; 1024 lets the realised buffers above fuse into fewer loops (on these CPUs:
+large_single_block's compiled JVP 330 -> 240 us per call, map_sin_cos_exp's 500 -> 330 us,
+gp_lml's 1.9 -> 1.4 ms, compile times unchanged).
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ JVP_INDUCTOR_SETTINGS = {
     "realize_opcount_threshold": 8,
     "realize_cpu_opcount_threshold": 8,
     "realize_reads_threshold": 2,
+    "max_fusion_size": 1024,
 }
 
 
