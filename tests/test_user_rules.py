@@ -230,3 +230,29 @@ def test_python_function_key_needs_annotations():
         return x
     with pytest.raises(TypeError, match="annotations"):
         torch_fwd.register_frule(untyped, lambda p, t: (p[0], t[0]))
+
+
+def test_inplace_op_finds_a_functional_twin_defined_after_a_first_failure():
+    # the eager path looks up an in-place op's functional twin once per op; "none" is not
+    # remembered, so a twin defined later is found
+    lib = torch.library.Library("torch_fwd_twin", "DEF")
+    lib.define("scale_(Tensor(a!) x) -> Tensor(a!)")
+    lib.impl("scale_", lambda x: x.mul_(2), "CompositeExplicitAutograd")
+    x, v = rand(3), rand(3)
+
+    def f(x):
+        y = x.clone()
+        torch.ops.torch_fwd_twin.scale_(y)
+        return y
+    with pytest.raises(torch_fwd.NoRuleError, match="no functional counterpart"):
+        torch_fwd.jvp(f, (x,), (v,), path="eager")
+    lib.define("scale(Tensor x) -> Tensor")
+    lib.impl("scale", lambda x: x * 2, "CompositeExplicitAutograd")
+    op = torch.ops.torch_fwd_twin.scale.default
+    torch_fwd.register_frule(op, lambda p, t: (op(p[0]), None if t[0] is None else t[0] * 2))
+    try:
+        out, t = torch_fwd.jvp(f, (x,), (v,), path="eager")
+        torch.testing.assert_close(out, 2 * x)
+        torch.testing.assert_close(t, 2 * v)
+    finally:
+        torch_fwd.unregister_frule(op)
