@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.autograd.function import _is_setup_context_defined
 
-from torch_fwd.dual import Dual, unwrap_tree
+from torch_fwd.dual import Dual, innermost_level, unwrap_tree
 
 from ._cases import case, randn
 
@@ -64,7 +64,7 @@ class _JvpCtx:
 def _function_jvp(cls, args, kwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
     # the innermost level acts; Duals of enclosing levels are its constants
-    level = max(x._level for x in flat if isinstance(x, Dual))
+    level = innermost_level(flat)
     mine = [isinstance(x, Dual) and x._level == level for x in flat]
     chunk = next(x._chunk for x, m in zip(flat, mine) if m and x._chunk is not None)
     primals = [x.primal if m else x for x, m in zip(flat, mine)]

@@ -467,9 +467,7 @@ def _eager(func, flat_p, ts, spec, chunk, has_aux, dual_mode=True):
     raw, traw = run_with_duals(func, args, {}, targs, {}, dual_mode)
     res, aux = _split_aux(raw, has_aux)
     tres = traw[0] if has_aux else traw
-    if type(res) is torch.Tensor:
-        return res, _collect(res, lambda i, o: tres, chunk), aux
-    flat_t = pytree.tree_leaves(tres, is_leaf=lambda x: x is None)
+    flat_t = [tres] if type(res) is torch.Tensor else pytree.tree_leaves(tres, is_leaf=lambda x: x is None)
     return res, _collect(res, lambda i, o: flat_t[i], chunk), aux
 
 

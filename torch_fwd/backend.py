@@ -39,7 +39,7 @@ import threading
 import torch
 
 from . import registry
-from .dual import Dual
+from .dual import Dual, innermost_level
 from .engine import building_for_autograd
 
 __all__ = ["torch_fwd_backend", "JVP_INDUCTOR_SETTINGS", "compiled_regions", "stats"]
@@ -169,7 +169,7 @@ class _TangentGraph:
         self.lock = threading.Lock()
 
     def __call__(self, *args):
-        level = max(a._level for a in args if isinstance(a, Dual))
+        level = innermost_level(args)
         prims, tans, chunk = [], [], None
         for a in args:
             if isinstance(a, Dual) and a._level == level:

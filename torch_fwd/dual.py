@@ -34,7 +34,7 @@ from .tangent import is_differentiable, shares_storage
 
 aten = torch.ops.aten
 
-__all__ = ["Dual", "DualMode", "run_with_duals", "current_level"]
+__all__ = ["Dual", "DualMode", "run_with_duals", "current_level", "innermost_level"]
 
 
 class _Levels(threading.local):
@@ -144,14 +144,14 @@ class Dual(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # no mode: Duals used directly; the innermost level among the arguments acts
-        return dispatch(func, args, kwargs, None, _innermost_level(args, kwargs))
+        return dispatch(func, args, kwargs, None, innermost_level((*args, *kwargs.values()) if kwargs else args))
 
 
-def _innermost_level(args, kwargs) -> int:
-    """The highest level of a Dual among an op's arguments (a Tensor[] argument is a list:
-    ATen arguments nest no deeper)."""
+def innermost_level(values) -> int:
+    """The highest level of a Dual among ``values`` (0: none), each a Dual, a list or tuple
+    (a Tensor[] argument of an op: ATen arguments nest no deeper) or anything else."""
     level = 0
-    for a in (*args, *kwargs.values()) if kwargs else args:
+    for a in values:
         if isinstance(a, Dual):
             level = max(level, a._level)
         elif isinstance(a, (list, tuple)):
@@ -240,8 +240,7 @@ def _split(full, level):
     for a in full:
         if isinstance(a, Dual) and a._level == level:
             primals.append(a.primal)
-            t = a._tangent
-            tangents.append(t if t is not None or a._view_of is None else a.tangent)
+            tangents.append(a.tangent)
         elif isinstance(a, (list, tuple)):
             primals.append(_p(a, level))
             tangents.append(_t(a, level))
@@ -549,7 +548,7 @@ def unwrap_tree(out, level=None):
         return out.primal, out.tangent
     flat, spec = pytree.tree_flatten(out)
     if level is None:
-        level = max((x._level for x in flat if isinstance(x, Dual)), default=0)
+        level = innermost_level(flat)
     prim = [x.primal if _mine(x, level) else x for x in flat]
     tan = [x.tangent if _mine(x, level) else None for x in flat]
     return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(tan, spec)

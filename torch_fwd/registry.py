@@ -140,7 +140,7 @@ def resolve(op) -> tuple[Rule | None, bool]:
     generation is part of the entry, so a registration racing a reader is never lost)."""
     hit = _resolved.get(id(op))
     gen = _generation[0]
-    if hit is not None and hit[1] == gen and hit[0] is op:
+    if hit is not None and hit[1] == gen:
         return hit[2], hit[3]
     rule = lookup(op)
     complex_ok = rule is not None and (getattr(rule, "complex_safe", False) or is_user_rule(op))
