@@ -140,16 +140,65 @@ def test_user_rule_and_autograd_function_jvp_inside_the_compiled_region():
     assert "StraightThrough" in torch_fwd.explain()
 
 
-def test_a_region_that_cannot_be_compiled_runs_eagerly_and_says_so(monkeypatch):
+def _refuse_jvp_graphs(monkeypatch, direct=True, via_compile_fx=True):
+    """Make Inductor fail on JVP graphs (those with (2, 4) tangents): compiled directly
+    (backend.inductor_directly), through compile_fx, or both."""
     import torch._inductor.compile_fx as cfx
-    real = cfx.compile_fx
+    from torch_fwd import backend
 
-    def refuse_jvp_graphs(gm, example_inputs, **kw):
-        if any(t.shape == (2, 4) for t in example_inputs):  # the JVP graph: tangents (2, 4)
-            raise RuntimeError("refused on purpose")
-        return real(gm, example_inputs, **kw)
+    def refusing(real):
+        def refuse(gm, example_inputs, *a, **kw):
+            if any(t.shape == (2, 4) for t in example_inputs):
+                raise RuntimeError("refused on purpose")
+            return real(gm, example_inputs, *a, **kw)
+        return refuse
+    if direct:
+        monkeypatch.setattr(backend, "inductor_directly", refusing(backend.inductor_directly))
+    if via_compile_fx:
+        monkeypatch.setattr(cfx, "compile_fx", refusing(cfx.compile_fx))
 
-    monkeypatch.setattr(cfx, "compile_fx", refuse_jvp_graphs)
+
+def test_a_jvp_graph_goes_to_inductor_directly_and_through_compile_fx_where_that_fails(monkeypatch):
+    from torch_fwd.backend import stats
+
+    def f(x):
+        return x.sin() * x.softmax(0)  # (softmax: an op Inductor's decompositions rewrite)
+
+    x, v = rand(4), rand(2, 4)
+    ref = torch.func.jvp(f, (x,), (v[1],))[1]
+    before = dict(stats)
+    _, t = torch_fwd.jvp(f, (x,), (v,), chunked=True, compile=True)
+    assert torch_fwd.explain() == "compiled (1 region)"
+    assert stats["jvp_graphs_compiled_directly"] == before["jvp_graphs_compiled_directly"] + 1
+    torch.testing.assert_close(t[1], ref)
+    # the direct step failing: compile_fx compiles the graph, still one region
+    _refuse_jvp_graphs(monkeypatch, via_compile_fx=False)
+    g = lambda x: f(x) + 1  # noqa: E731 (a new function: a new capture)
+    before = dict(stats)
+    _, t = torch_fwd.jvp(g, (x,), (v,), chunked=True, compile=True)
+    assert torch_fwd.explain() == "compiled (1 region)"
+    assert stats["jvp_graphs_compiled"] == before["jvp_graphs_compiled"] + 1
+    assert stats["jvp_graphs_compiled_directly"] == before["jvp_graphs_compiled_directly"]
+    torch.testing.assert_close(t[1], ref)
+
+
+def test_compiled_outputs_that_alias_inputs_or_are_transposed_keep_the_primals_layout():
+    # (the direct compile has no aot_autograd runtime wrapper regenerating aliases)
+    def f(x, y):
+        return x.t(), (x * y).t(), y[1:].sin(), x
+
+    x, y, vx, vy = rand(3, 4), rand(3, 4), rand(3, 4), rand(3, 4)
+    out, t = torch_fwd.jvp(f, (x, y), (vx, vy), compile=True)
+    assert torch_fwd.explain() == "compiled (1 region)"
+    eout, et = torch_fwd.jvp(f, (x, y), (vx, vy), path="eager")
+    for o, e in zip(out + t, eout + et):
+        torch.testing.assert_close(o, e)
+        assert o.stride() == e.stride()
+    assert out[0].data_ptr() == x.data_ptr()  # x.t() is a view of x, as it is uncompiled
+
+
+def test_a_region_that_cannot_be_compiled_runs_eagerly_and_says_so(monkeypatch):
+    _refuse_jvp_graphs(monkeypatch)
 
     def f(x):
         return x.sin() * x
@@ -281,7 +330,7 @@ def test_backend_registered_by_entry_point_in_a_fresh_interpreter():
 
 def test_gpt2_compiled_equals_the_graph_path():
     # its attention's JVP graph holds a view of an expanded, transposed tensor that
-    # aot_autograd's re-trace lays out differently (backend.compile_jvp_graph)
+    # Inductor's decompositions lay out differently (backend._compile)
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     m = transformers.GPT2Model(transformers.GPT2Config(n_layer=1, n_head=4, n_embd=64, vocab_size=100,

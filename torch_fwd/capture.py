@@ -210,13 +210,14 @@ class _CompiledGraph:
             if jg is None:
                 try:
                     with building_for_autograd(grad):
-                        jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
-                    if ch.inductor is not None:
-                        from .backend import compile_jvp_graph
-                        jg = compile_jvp_graph(jg, args, tangents, ch.inductor)
-                    else:
-                        # (a graph autograd will differentiate keeps to Python bindings)
-                        jg.trace_when_reused = not grad
+                        if ch.inductor is not None:
+                            from .backend import build_compiled_jvp_graph
+                            jg = build_compiled_jvp_graph(self._aten(args), args, tangents, key[0], ch.chunk,
+                                                          ch.inductor, grad)
+                        else:
+                            jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
+                            # (a graph autograd will differentiate keeps to Python bindings)
+                            jg.trace_when_reused = not grad
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
                     raise CaptureFailed(str(e)) from e
                 self.jvp_graphs[key] = jg

@@ -135,19 +135,23 @@ def _cse(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chunk: int,
-                    zeros_for_inactive: bool = False) -> JVPGraph:
+                    zeros_for_inactive: bool = False, decompositions=None) -> JVPGraph:
     """Trace the JVP of ``aten_gm`` (a functional ATen graph, e.g. from capture.to_aten).
 
     ``example_inputs`` may be real or fake tensors; tracing uses fake tensors. Raises
     whatever the rules raise (NoRuleError names the op and the user's source line).
+    ``decompositions``: a decomposition table make_fx applies to what it records (the
+    rules see the graph's ops as they are; the ops the rules emit are decomposed), e.g.
+    Inductor's, for a graph Inductor compiles without re-tracing it (backend.py).
     """
     from .capture import TRACE_LOCK, ensure_compiler_imported
     ensure_compiler_imported()
     with TRACE_LOCK:
-        return _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_inactive)
+        return _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_inactive,
+                                decompositions)
 
 
-def _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_inactive):
+def _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_inactive, decompositions):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     active_inputs = tuple(bool(a) for a in active_inputs)
@@ -201,7 +205,7 @@ def _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_in
         # tangents are traced contiguous; callers pass them contiguous (api.py ensures it)
         fake_tangents = [torch.empty((chunk,) + tuple(x.shape), dtype=x.dtype, device=x.device)
                          for x, a in zip(fake_primals, active_inputs) if a]
-        gm = make_fx(jvp_fn, tracing_mode="real")(*fake_primals, *fake_tangents)
+        gm = make_fx(jvp_fn, decompositions, tracing_mode="real")(*fake_primals, *fake_tangents)
     gm.graph.eliminate_dead_code()
     gm = _cse(gm)
     gm.graph.eliminate_dead_code()
