@@ -8,6 +8,7 @@ import threading
 import torch
 import torch.utils._pytree as pytree
 
+from .backend import compiled_regions, jvp_patches, reset_regions, torch_fwd_backend
 from .capture import CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, to_aten
 from .dual import Dual, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
@@ -262,7 +263,6 @@ def _unwrap_compiled(func):
 
 def _compiled_for(func, opts):
     """func under torch.compile with the torch_fwd backend (graph breaks allowed)."""
-    from .backend import torch_fwd_backend
     from .capture import ensure_compiler_imported
     func = _unwrap_compiled(func)
 
@@ -279,7 +279,6 @@ def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux):
     cannot be captured whole (a graph break) runs under torch.compile with the torch_fwd
     backend on Duals instead (backend.py): its graphs compiled, the code between them
     carrying tangents eagerly."""
-    from .backend import jvp_patches
     if opts.get("dynamic") is None:
         cap = _capture_for(_unwrap_compiled(func))
         try:
@@ -299,7 +298,6 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     """func compiled with the torch_fwd backend, called on Duals of a new level by the
     eager path's machinery without its DualMode (a dispatch mode makes dynamo skip every
     frame)."""
-    from .backend import compiled_regions, reset_regions
     from .capture import TRACE_LOCK
     cf = _compiled_for(func, opts)
 

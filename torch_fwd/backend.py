@@ -180,8 +180,17 @@ def inductor_directly(gm, examples, patches):
             num_example_inputs=len(examples), compiler_config_extra=cfx.create_compiler_config_extra(gm),
             inner_compile=cfx.compile_fx_inner, is_inference=True)
 
+    # CompiledFxGraph.__call__ ends the autotune-cache bundling its first call starts and
+    # labels the call for the profiler: after that call, and without a profiler, its
+    # current_callable (the generated module's call, realigning inputs where needed) is
+    # what it would run, less ~3 us
+    first = [True]
+
     def run(*a):
-        return compiled(list(a))  # (Inductor's boxed convention: it may empty the list)
+        if first[0] or torch.autograd.profiler._is_profiler_enabled:
+            first[0] = False
+            return compiled(list(a))  # (Inductor's boxed convention: it may empty the list)
+        return compiled.current_callable(list(a))
     return run
 
 
