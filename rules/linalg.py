@@ -149,9 +149,14 @@ def _cholesky_solve(p, t):
     if tL is not None:
         Xt = aten.cholesky_solve.default(B, L, upper) if for_autograd() else X
         tL = _sym_tri(tL, upper)
-        # A = L L^T (or U^T U); dA = dL L^T + L dL^T
-        dA = tL @ L.mT + L @ tL.mT if not upper else tL.mT @ L + L.mT @ tL
-        rhs = tadd(rhs, -(dA @ Xt))
+        # A = L L^T (or U^T U); dA = dL L^T + L dL^T. dA X as products with X's columns,
+        # never forming dA: two matrix-vector products for a vector right-hand side where
+        # dA would cost two n^3 matmuls
+        if upper:
+            dAX = tL.mT @ (L @ Xt) + L.mT @ (tL @ Xt)
+        else:
+            dAX = tL @ (L.mT @ Xt) + L @ (tL.mT @ Xt)
+        rhs = tadd(rhs, -dAX)
     return X, torch.cholesky_solve(rhs, L.expand(rhs.shape[:-2] + L.shape[-2:]) if rhs.dim() > L.dim() else L, upper)
 
 
@@ -298,6 +303,10 @@ TEST_CASES = [
          lambda: (randn(4, 2), torch.linalg.cholesky(_spd(4)) + torch.ones(4, 4, dtype=torch.float64).triu(1)),
          check_torch_func=False),
     case("cholesky_solve", lambda b, l: torch.cholesky_solve(b, l), lambda: (randn(4, 2), _tri(4)), check_torch_func=False),
+    case("cholesky_solve_batched_factor", lambda b, l: torch.cholesky_solve(b, l),
+         lambda: (randn(2, 4, 3), torch.stack([_tri(4), _tri(4)])), check_torch_func=False),
+    case("cholesky_solve_upper_vector_rhs", lambda b, u: torch.cholesky_solve(b, u, upper=True),
+         lambda: (randn(4, 1), _tri(4, upper=True)), check_torch_func=False),
     case("cholesky_solve_upper", lambda b, u: torch.cholesky_solve(b, u, upper=True), lambda: (randn(4, 2), _tri(4, upper=True)),
          check_torch_func=False),
     case("lu_factor", lambda a: torch.linalg.lu_factor(a)[0], lambda: (randn(2, 4, 4),)),
