@@ -45,6 +45,7 @@ import torch
 from . import registry
 from .dual import Dual, innermost_level
 from .engine import building_for_autograd
+from .transform import build_jvp_graph
 
 __all__ = ["torch_fwd_backend", "JVP_INDUCTOR_SETTINGS", "compiled_regions", "stats"]
 
@@ -153,7 +154,6 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
     long graph's compile (``_sum_1000``: 6.5 of 31 s), and its runtime wrapper 5 us of
     every call. Anything else, or a graph the direct step fails on (logged), goes through
     ``compile_fx``."""
-    from .transform import build_jvp_graph
     if not grad and _direct_ok(patches):
         from torch._inductor.decomposition import select_decomp_table
         jg = build_jvp_graph(aten_gm, args, active, chunk, decompositions=select_decomp_table())

@@ -28,6 +28,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
 from . import registry
+from .backend import build_compiled_jvp_graph
 from .engine import building_for_autograd
 from .transform import build_jvp_graph
 
@@ -211,7 +212,6 @@ class _CompiledGraph:
                 try:
                     with building_for_autograd(grad):
                         if ch.inductor is not None:
-                            from .backend import build_compiled_jvp_graph
                             jg = build_compiled_jvp_graph(self._aten(args), args, tangents, key[0], ch.chunk,
                                                           ch.inductor, grad)
                         else:
