@@ -276,9 +276,14 @@ def test_fullgraph_is_honoured_and_mode_passed_through():
     x, v = rand(4), rand(4)
     with pytest.raises(Exception, match="graph_break|graph break|Graph break"):
         torch_fwd.jvp(broken, (x, rand(4, 4)), (v, rand(4, 4)), compile={"fullgraph": True})
-    # reduce-overhead: CUDA graphs on a GPU; on a CPU Inductor runs without them
+    # reduce-overhead: CUDA graphs on a GPU (arranged by compile_fx, so its JVP graph does not
+    # go to Inductor directly); on a CPU Inductor runs without them
+    from torch_fwd.backend import stats
+    before = dict(stats)
     _, t = torch_fwd.jvp(lambda x: x.sin() * 2, (x,), (v,), compile={"fullgraph": True, "mode": "reduce-overhead"})
     torch.testing.assert_close(t, 2 * x.cos() * v)
+    assert stats["jvp_graphs_compiled"] == before["jvp_graphs_compiled"] + 1
+    assert stats["jvp_graphs_compiled_directly"] == before["jvp_graphs_compiled_directly"]
     with pytest.raises(ValueError, match="compile takes"):
         torch_fwd.jvp(lambda x: x, (x,), (v,), compile={"full_graph": True})
     with pytest.raises(TypeError, match="compile must be"):
@@ -304,7 +309,11 @@ def test_backprop_through_the_compiled_tangent():
         return torch.tanh(x @ w).sum(-1)
 
     x, v = rand(4, 3), rand(4, 3)
+    from torch_fwd.backend import stats
+    before = dict(stats)
     _, t = torch_fwd.jvp(f, (x,), (v,), compile=True)
+    # (a graph autograd differentiates needs aot_autograd's joint graph: compile_fx, not direct)
+    assert stats["jvp_graphs_compiled_directly"] == before["jvp_graphs_compiled_directly"]
     (g,) = torch.autograd.grad(t.sum(), w)
     _, t_ref = torch.func.jvp(f, (x,), (v,))
     (g_ref,) = torch.autograd.grad(t_ref.sum(), w)
