@@ -140,9 +140,9 @@ def test_user_rule_and_autograd_function_jvp_inside_the_compiled_region():
     assert "StraightThrough" in torch_fwd.explain()
 
 
-def _refuse_jvp_graphs(monkeypatch, direct=True, via_compile_fx=True):
-    """Make Inductor fail on JVP graphs (those with (2, 4) tangents): compiled directly
-    (backend.inductor_directly), through compile_fx, or both."""
+def _refuse_jvp_graphs(monkeypatch, via_compile_fx=True):
+    """Make Inductor fail on JVP graphs (those with (2, 4) tangents) compiled directly
+    (backend.inductor_directly) and, with ``via_compile_fx``, through compile_fx too."""
     import torch._inductor.compile_fx as cfx
     from torch_fwd import backend
 
@@ -152,8 +152,7 @@ def _refuse_jvp_graphs(monkeypatch, direct=True, via_compile_fx=True):
                 raise RuntimeError("refused on purpose")
             return real(gm, example_inputs, *a, **kw)
         return refuse
-    if direct:
-        monkeypatch.setattr(backend, "inductor_directly", refusing(backend.inductor_directly))
+    monkeypatch.setattr(backend, "inductor_directly", refusing(backend.inductor_directly))
     if via_compile_fx:
         monkeypatch.setattr(cfx, "compile_fx", refusing(cfx.compile_fx))
 

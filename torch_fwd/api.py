@@ -9,7 +9,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from .backend import compiled_regions, jvp_patches, reset_regions, torch_fwd_backend
-from .capture import CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, to_aten
+from .capture import (TRACE_LOCK, CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, ensure_compiler_imported,
+                      to_aten)
 from .dual import Dual, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .engine import building_for_autograd
@@ -263,7 +264,6 @@ def _unwrap_compiled(func):
 
 def _compiled_for(func, opts):
     """func under torch.compile with the torch_fwd backend (graph breaks allowed)."""
-    from .capture import ensure_compiler_imported
     func = _unwrap_compiled(func)
 
     def make():
@@ -298,7 +298,6 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     """func compiled with the torch_fwd backend, called on Duals of a new level by the
     eager path's machinery without its DualMode (a dispatch mode makes dynamo skip every
     frame)."""
-    from .capture import TRACE_LOCK
     cf = _compiled_for(func, opts)
 
     def call(*args):
