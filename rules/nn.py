@@ -475,7 +475,7 @@ def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
             return None
         _, tout = attention.flash_attention_jvp(q, k, v, tq, tk, tv, mask, attention.default_scale(q, scale), is_causal)
         return call_op(op, p), (tout,) + (None,) * (n_out - 1)
-    return with_kernel(rule, flash_kernel)
+    return with_kernel(rule, flash_kernel, under_inductor=True)
 
 
 reg(aten._scaled_dot_product_flash_attention_for_cpu.default,

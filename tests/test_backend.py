@@ -352,3 +352,18 @@ def test_gpt2_compiled_equals_the_graph_path():
     assert torch_fwd.explain() == "compiled (1 region)"
     _, T_ref = torch_fwd.jvp(f, (x,), (V,), chunked=True, path="graph")
     torch.testing.assert_close(T, T_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_jvp_graphs_for_inductor_are_traced_with_only_the_kernels_inductor_cannot_write(monkeypatch):
+    from torch_fwd import backend, triton_kernels
+    seen = []
+
+    def build(*a, **kw):
+        seen.append(triton_kernels.under_inductor())
+        raise RuntimeError("stop after the trace")
+    monkeypatch.setattr(backend, "build_jvp_graph", build)
+    with pytest.raises(RuntimeError, match="stop after the trace"):
+        backend.build_compiled_jvp_graph(None, (), (), (), 1, {}, grad=False)
+    with pytest.raises(RuntimeError, match="stop after the trace"):
+        backend.build_compiled_jvp_graph(None, (), (), (), 1, {}, grad=True)
+    assert seen == [True, True] and not triton_kernels.under_inductor()

@@ -176,7 +176,8 @@ def test_jvp_through_kernels_matches_the_rules_math(path):
     torch.manual_seed(0)
     x, w, b, wq = rand(6, 32), rand(32), rand(32), rand(32, 32) / 6
     tangents = tuple(rand(3, *p.shape) for p in (x, w, b, wq))
-    out, t = torch_fwd.jvp(_block, (x, w, b, wq), tangents, chunked=True, path=path)
+    with triton_kernels.at_any_size():
+        out, t = torch_fwd.jvp(_block, (x, w, b, wq), tangents, chunked=True, path=path)
     with triton_kernels.disabled():
         ref_out, ref_t = torch_fwd.jvp(_block, (x, w, b, wq), tangents, chunked=True, path="eager")
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
@@ -185,9 +186,38 @@ def test_jvp_through_kernels_matches_the_rules_math(path):
 
 def test_the_jvp_graph_calls_the_kernels():
     x, w, b, wq = rand(6, 32), rand(32), rand(32), rand(32, 32) / 6
-    code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2, for_autograd=False).code
+    with triton_kernels.at_any_size():
+        code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2, for_autograd=False).code
     for op in ("layer_norm_jvp", "flash_attention_jvp", "unary_jvp", "binary_jvp", "softmax_jvp"):
         assert f"torch_fwd.{op}" in code, op
+
+
+def test_elementwise_and_softmax_kernels_are_launched_from_their_size_threshold(monkeypatch):
+    # (below it, a kernel's launch from Python costs more than the passes it saves)
+    def f(x, y):
+        return torch.softmax(x.sin() * y, -1)
+    x, y = rand(4, 8), rand(4, 8)
+    tangent_bytes = x.numel() * 2 * x.element_size()  # K = 2
+    for family in ("elementwise", "softmax"):
+        monkeypatch.setitem(triton_kernels.MIN_TANGENT_BYTES, family, tangent_bytes + 1)
+    code = torch_fwd.make_jvp_graph(f, x, y, chunk=2, for_autograd=False).code
+    assert "torch_fwd." not in code
+    for family in ("elementwise", "softmax"):
+        monkeypatch.setitem(triton_kernels.MIN_TANGENT_BYTES, family, tangent_bytes)
+    code = torch_fwd.make_jvp_graph(f, x, y, chunk=2, for_autograd=False).code
+    for op in ("unary_jvp", "binary_jvp", "softmax_jvp"):
+        assert f"torch_fwd.{op}" in code, op
+
+
+def test_a_graph_traced_for_inductor_keeps_only_the_kernel_inductor_cannot_write():
+    # (Inductor fuses the rules' elementwise and row-wise math with their neighbours; it
+    # has no flash-attention JVP of its own)
+    x, w, b, wq = rand(6, 32), rand(32), rand(32), rand(32, 32) / 6
+    with triton_kernels.at_any_size(), triton_kernels.for_inductor():
+        code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2, for_autograd=False).code
+    assert "torch_fwd.flash_attention_jvp" in code
+    for op in ("layer_norm_jvp", "unary_jvp", "binary_jvp", "softmax_jvp"):
+        assert f"torch_fwd.{op}" not in code, op
 
 
 def test_without_the_switch_cpu_tensors_use_the_rules_math(monkeypatch):

@@ -42,7 +42,7 @@ import threading
 
 import torch
 
-from . import registry
+from . import registry, triton_kernels
 from .dual import Dual, innermost_level
 from .engine import building_for_autograd
 from .transform import build_jvp_graph
@@ -153,16 +153,21 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
     re-traced a graph to functionalize and decompose it. That re-trace is a quarter of a
     long graph's compile (``_sum_1000``: 6.5 of 31 s), and its runtime wrapper 5 us of
     every call. Anything else, or a graph the direct step fails on (logged), goes through
-    ``compile_fx``."""
+    ``compile_fx``.
+
+    Rules trace with ``triton_kernels.for_inductor``: Inductor writes the elementwise and
+    row-wise tangents' kernels itself, fused with their neighbours."""
     if not grad and _direct_ok(patches):
         from torch._inductor.decomposition import select_decomp_table
-        jg = build_jvp_graph(aten_gm, args, active, chunk, decompositions=select_decomp_table())
+        with triton_kernels.for_inductor():
+            jg = build_jvp_graph(aten_gm, args, active, chunk, decompositions=select_decomp_table())
         try:
             return _compile(jg, args, tangents, patches, direct=True)
         except Exception as e:  # noqa: BLE001 - compile_fx below reports what is real
             log.warning("torch_fwd backend: Inductor's direct compile failed (%s: %s); compiling "
                         "through compile_fx", type(e).__name__, e)
-    jg = build_jvp_graph(aten_gm, args, active, chunk)
+    with triton_kernels.for_inductor():
+        jg = build_jvp_graph(aten_gm, args, active, chunk)
     return _compile(jg, args, tangents, patches, direct=False)
 
 

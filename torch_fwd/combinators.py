@@ -143,16 +143,20 @@ def decompose_with(reference, op=None):
     return rule
 
 
-def with_kernel(rule, try_kernel):
+def with_kernel(rule, try_kernel, under_inductor=False):
     """A rule with a fused kernel for the cases it covers. Where kernels are in use for
     the op's tensors (``triton_kernels.use_kernels``: CUDA, or the CPU interpreter switch),
     ``try_kernel(primals, tangents)`` returns (out, tangent_out), or None for a case the
     kernel does not cover (float64, long rows, dropout); ``rule`` runs otherwise. The
-    kernels are tested against ``rule``."""
+    kernels are tested against ``rule``. In a graph traced for Inductor
+    (``triton_kernels.for_inductor``) only a kernel marked ``under_inductor`` is used:
+    one Inductor cannot generate (flash attention), not one it would fuse better."""
     def wrapped(p, t):
         # (a CUDA tensor exists only once CUDA is initialised: on a CPU, unless asked for
         # the interpreter's kernels, the rule runs without looking at the arguments)
         if not torch.cuda.is_initialized() and not triton_kernels.kernels_on_cpu():
+            return rule(p, t)
+        if not under_inductor and triton_kernels.under_inductor():
             return rule(p, t)
         tensors = [x for x in pytree.tree_leaves((p, t)) if isinstance(x, torch.Tensor)]
         res = try_kernel(p, t) if triton_kernels.use_kernels(*tensors) and not for_autograd() else None

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from . import available, register_cpu
+from . import available, define
 from .elementwise import DTYPES
 
 MAX_HEAD_DIM = 256
@@ -136,7 +136,7 @@ def _launch(q, k, v, tq, tk, tv, mask, scale, is_causal):
     block_d = max(16, triton.next_power_of_2(d))
     block = 64 if block_d <= 64 else 32
     grid = (triton.cdiv(L, block), b * h, kdirs)
-    torch.library.wrap_triton(_flash_jvp_kernel)[grid](
+    _flash_jvp_kernel[grid](
         q, k, v, tq.contiguous() if tq is not None else q, tk.contiguous() if tk is not None else k,
         tv.contiguous() if tv is not None else v, m, o, to, h, hkv, L, S, d, scale, q.numel(), k.numel(), *strides,
         HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None, MASK=kind, CAUSAL=is_causal,
@@ -145,17 +145,7 @@ def _launch(q, k, v, tq, tk, tv, mask, scale, is_causal):
     return o, to
 
 
-@torch.library.custom_op("torch_fwd::flash_attention_jvp", mutates_args=())
-def flash_attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: torch.Tensor | None,
-                        tk: torch.Tensor | None, tv: torch.Tensor | None, mask: torch.Tensor | None,
-                        scale: float, is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(attention output, its K tangents) for (B, H, L, D) q and (B, Hkv, S, D) k, v;
-    tangents (K, ...) or None."""
-    return _launch(q, k, v, tq, tk, tv, mask, scale, is_causal)
-
-
-@flash_attention_jvp.register_fake
-def _(q, k, v, tq, tk, tv, mask, scale, is_causal):
+def _fake(q, k, v, tq, tk, tv, mask, scale, is_causal):
     kdirs = next(t for t in (tq, tk, tv) if t is not None).shape[0]
     return q.new_empty(q.shape), q.new_empty((kdirs,) + tuple(q.shape))
 
@@ -166,7 +156,12 @@ def reference(q, k, v, tq, tk, tv, mask, scale, is_causal):
     return attention_jvp(q, k, v, mask, tq, tk, tv, None, scale, is_causal)
 
 
-register_cpu(flash_attention_jvp, _launch, reference)
+#: (attention output, its K tangents) for (B, H, L, D) q and (B, Hkv, S, D) k, v; tangents
+#: (K, ...) or None
+flash_attention_jvp = define(
+    "flash_attention_jvp",
+    "(Tensor q, Tensor k, Tensor v, Tensor? tq, Tensor? tk, Tensor? tv, Tensor? mask, float scale, bool is_causal)"
+    " -> (Tensor, Tensor)", _launch, reference, _fake)
 
 
 def default_scale(q, scale):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from . import available, reference, register_cpu
+from . import available, define, reference, worth_launching
 
 UNARY = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "sigmoid": 3, "tanh": 4, "softplus": 5, "elu": 6, "exp": 7,
          "log": 8, "sin": 9, "cos": 10}
@@ -119,7 +119,8 @@ if available():
 
 
 def unary_applies(x, t) -> bool:
-    return x.dtype in DTYPES and t.dtype == x.dtype and x.numel() > 0
+    return (x.dtype in DTYPES and t.dtype == x.dtype and x.numel() > 0
+            and worth_launching("elementwise", x.numel(), t.shape[0], x.element_size()))
 
 
 def _unary_launch(x, t, op, p0, p1):
@@ -127,7 +128,7 @@ def _unary_launch(x, t, op, p0, p1):
     y, ty = torch.empty_like(xc), torch.empty_like(tc)
     n = xc.numel()
     grid = (triton.cdiv(n, BLOCK),)
-    torch.library.wrap_triton(_unary_jvp_kernel)[grid](xc, tc, y, ty, n, tc.shape[0], p0, p1,
+    _unary_jvp_kernel[grid](xc, tc, y, ty, n, tc.shape[0], p0, p1,
                                                         OP=UNARY[op], BLOCK=BLOCK)
     return y, ty
 
@@ -147,8 +148,10 @@ def binary_applies(a, b, ta, tb) -> bool:
     if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
         return False
     shape = torch.broadcast_shapes(a.shape, b.shape)
-    return (a.dtype == b.dtype and a.dtype in DTYPES and len(shape) <= MAX_DIMS and all(s > 0 for s in shape)
-            and all(t is None or t.dtype == a.dtype for t in (ta, tb)) and (ta is not None or tb is not None))
+    if not (a.dtype == b.dtype and a.dtype in DTYPES and len(shape) <= MAX_DIMS and all(s > 0 for s in shape)
+            and all(t is None or t.dtype == a.dtype for t in (ta, tb)) and (ta is not None or tb is not None)):
+        return False
+    return worth_launching("elementwise", shape.numel(), (ta if ta is not None else tb).shape[0], a.element_size())
 
 
 def _binary_launch(a, b, ta, tb, div):
@@ -160,33 +163,18 @@ def _binary_launch(a, b, ta, tb, div):
     full = [1] * (MAX_DIMS - len(shape)) + list(shape)
     n = y.numel()
     grid = (triton.cdiv(n, BLOCK),)
-    torch.library.wrap_triton(_binary_jvp_kernel)[grid](
+    _binary_jvp_kernel[grid](
         a, b, ta.contiguous() if ta is not None else a, tb.contiguous() if tb is not None else b, y, ty, n, k,
         a.numel(), b.numel(), full[1], full[2], full[3], *_broadcast_strides(a, shape), *_broadcast_strides(b, shape),
         DIV=div, HAS_TA=ta is not None, HAS_TB=tb is not None, BLOCK=BLOCK)
     return y, ty
 
 
-@torch.library.custom_op("torch_fwd::unary_jvp", mutates_args=())
-def unary_jvp(x: torch.Tensor, t: torch.Tensor, op: str, p0: float, p1: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(op(x), op'(x) * t) for t of shape (K, *x.shape), in one pass."""
-    return _unary_launch(x, t, op, p0, p1)
-
-
-@unary_jvp.register_fake
-def _(x, t, op, p0, p1):
+def _unary_fake(x, t, op, p0, p1):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("torch_fwd::binary_jvp", mutates_args=())
-def binary_jvp(a: torch.Tensor, b: torch.Tensor, ta: torch.Tensor | None, tb: torch.Tensor | None,
-               div: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a * b, ta * b + a * tb) or (a / b, (ta - y tb) / b), broadcasting, in one pass."""
-    return _binary_launch(a, b, ta, tb, div)
-
-
-@binary_jvp.register_fake
-def _(a, b, ta, tb, div):
+def _binary_fake(a, b, ta, tb, div):
     shape = tuple(torch.broadcast_shapes(a.shape, b.shape))
     k = (ta if ta is not None else tb).shape[0]
     return a.new_empty(shape), a.new_empty((k,) + shape)
@@ -220,5 +208,9 @@ def binary_reference(a, b, ta, tb, div):
     return y, ty.expand((ty.shape[0],) + tuple(y.shape))
 
 
-register_cpu(unary_jvp, _unary_launch, unary_reference)
-register_cpu(binary_jvp, _binary_launch, binary_reference)
+#: (op(x), op'(x) * t) for t of shape (K, *x.shape), in one pass
+unary_jvp = define("unary_jvp", "(Tensor x, Tensor t, str op, float p0, float p1) -> (Tensor, Tensor)",
+                   _unary_launch, unary_reference, _unary_fake)
+#: (a * b, ta * b + a * tb) or (a / b, (ta - y tb) / b), broadcasting, in one pass
+binary_jvp = define("binary_jvp", "(Tensor a, Tensor b, Tensor? ta, Tensor? tb, bool div) -> (Tensor, Tensor)",
+                    _binary_launch, binary_reference, _binary_fake)

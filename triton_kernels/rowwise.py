@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import available, reference, register_cpu
+from . import available, define, reference, worth_launching
 from .elementwise import DTYPES
 
 MAX_ROW = 1 << 14
@@ -94,7 +94,10 @@ def _rows(x, dim):
 
 
 def softmax_applies(x, t, dim) -> bool:
-    return x.dtype in DTYPES and t.dtype == x.dtype and x.numel() > 0 and x.shape[dim] <= MAX_ROW if x.dim() else False
+    if not x.dim():
+        return False
+    return (x.dtype in DTYPES and t.dtype == x.dtype and x.numel() > 0 and x.shape[dim] <= MAX_ROW
+            and worth_launching("softmax", x.numel(), t.shape[0], x.element_size()))
 
 
 def _softmax_launch(x, t, dim, log):
@@ -102,19 +105,12 @@ def _softmax_launch(x, t, dim, log):
     tm = t.movedim(dim % x.dim() + 1, -1).contiguous()
     y2, ty = torch.empty_like(x2), torch.empty_like(tm)
     r, c = x2.shape
-    torch.library.wrap_triton(_softmax_jvp_kernel)[(r,)](x2, tm, y2, ty, c, r, t.shape[0], LOG=log,
+    _softmax_jvp_kernel[(r,)](x2, tm, y2, ty, c, r, t.shape[0], LOG=log,
                                                           BLOCK=triton.next_power_of_2(c))
     return y2.reshape(xm.shape).movedim(-1, dim).contiguous(), ty.movedim(-1, dim % x.dim() + 1).contiguous()
 
 
-@torch.library.custom_op("torch_fwd::softmax_jvp", mutates_args=())
-def softmax_jvp(x: torch.Tensor, t: torch.Tensor, dim: int, log: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(x, dim), its tangents) or the same for log_softmax, t of shape (K, *x.shape)."""
-    return _softmax_launch(x, t, dim, log)
-
-
-@softmax_jvp.register_fake
-def _(x, t, dim, log):
+def _softmax_fake(x, t, dim, log):
     return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
@@ -123,7 +119,9 @@ def softmax_reference(x, t, dim, log):
     return reference(op, (x, dim, False), (t, None, None))
 
 
-register_cpu(softmax_jvp, _softmax_launch, softmax_reference)
+#: (softmax(x, dim), its tangents) or the same for log_softmax, t of shape (K, *x.shape)
+softmax_jvp = define("softmax_jvp", "(Tensor x, Tensor t, int dim, bool log) -> (Tensor, Tensor)",
+                     _softmax_launch, softmax_reference, _softmax_fake)
 
 
 def norm_applies(x, normalized_shape, *tensors) -> bool:
@@ -150,7 +148,7 @@ def _norm_launch(x, normalized_shape, w, b, tx, tw, tb, eps, rms):
 
     def flat(t, per):
         return t.contiguous().reshape(per) if t is not None else x2
-    torch.library.wrap_triton(_norm_jvp_kernel)[(r,)](
+    _norm_jvp_kernel[(r,)](
         x2, flat(w, (c,)), flat(b, (c,)), flat(tx, (k, r, c)), flat(tw, (k, c)), flat(tb, (k, c)), y, ty, stat1, stat2,
         c, r, k, eps, RMS=rms, HAS_W=w is not None, HAS_B=b is not None, HAS_TX=tx is not None,
         HAS_TW=tw is not None, HAS_TB=tb is not None, BLOCK=triton.next_power_of_2(c))
@@ -159,32 +157,13 @@ def _norm_launch(x, normalized_shape, w, b, tx, tw, tb, eps, rms):
     return (y.reshape(x.shape), ty.reshape((k,) + tuple(x.shape))) + stats
 
 
-@torch.library.custom_op("torch_fwd::layer_norm_jvp", mutates_args=())
-def layer_norm_jvp(x: torch.Tensor, normalized_shape: list[int], w: torch.Tensor | None, b: torch.Tensor | None,
-                   tx: torch.Tensor | None, tw: torch.Tensor | None, tb: torch.Tensor | None,
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, tangent of out, mean, rstd) of native_layer_norm; tangents (K, ...)."""
-    y, ty, mean, rstd = _norm_launch(x, normalized_shape, w, b, tx, tw, tb, eps, False)
-    return y, ty, mean, rstd
-
-
-@layer_norm_jvp.register_fake
-def _(x, normalized_shape, w, b, tx, tw, tb, eps):
+def _layer_norm_fake(x, normalized_shape, w, b, tx, tw, tb, eps):
     k = next(t for t in (tx, tw, tb) if t is not None).shape[0]
     stat = tuple(x.shape[:x.dim() - len(normalized_shape)]) + (1,) * len(normalized_shape)
     return x.new_empty(x.shape), x.new_empty((k,) + tuple(x.shape)), x.new_empty(stat), x.new_empty(stat)
 
 
-@torch.library.custom_op("torch_fwd::rms_norm_jvp", mutates_args=())
-def rms_norm_jvp(x: torch.Tensor, normalized_shape: list[int], w: torch.Tensor | None, tx: torch.Tensor | None,
-                 tw: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out, tangent of out, rstd) of _fused_rms_norm; tangents (K, ...)."""
-    y, ty, rstd = _norm_launch(x, normalized_shape, w, None, tx, tw, None, eps, True)
-    return y, ty, rstd
-
-
-@rms_norm_jvp.register_fake
-def _(x, normalized_shape, w, tx, tw, eps):
+def _rms_norm_fake(x, normalized_shape, w, tx, tw, eps):
     k = next(t for t in (tx, tw) if t is not None).shape[0]
     stat = tuple(x.shape[:x.dim() - len(normalized_shape)]) + (1,) * len(normalized_shape)
     return x.new_empty(x.shape), x.new_empty((k,) + tuple(x.shape)), x.new_empty(stat)
@@ -202,7 +181,16 @@ def rms_norm_reference(x, normalized_shape, w, tx, tw, eps):
     return y, ty, rstd
 
 
-register_cpu(layer_norm_jvp, lambda x, ns, w, b, tx, tw, tb, eps: _norm_launch(x, ns, w, b, tx, tw, tb, eps, False),
-             layer_norm_reference)
-register_cpu(rms_norm_jvp, lambda x, ns, w, tx, tw, eps: _norm_launch(x, ns, w, None, tx, tw, None, eps, True),
-             rms_norm_reference)
+#: (out, tangent of out, mean, rstd) of native_layer_norm; tangents (K, ...)
+layer_norm_jvp = define(
+    "layer_norm_jvp",
+    "(Tensor x, int[] normalized_shape, Tensor? w, Tensor? b, Tensor? tx, Tensor? tw, Tensor? tb, float eps)"
+    " -> (Tensor, Tensor, Tensor, Tensor)",
+    lambda x, ns, w, b, tx, tw, tb, eps: _norm_launch(x, ns, w, b, tx, tw, tb, eps, False),
+    layer_norm_reference, _layer_norm_fake)
+#: (out, tangent of out, rstd) of _fused_rms_norm; tangents (K, ...)
+rms_norm_jvp = define(
+    "rms_norm_jvp",
+    "(Tensor x, int[] normalized_shape, Tensor? w, Tensor? tx, Tensor? tw, float eps) -> (Tensor, Tensor, Tensor)",
+    lambda x, ns, w, tx, tw, eps: _norm_launch(x, ns, w, None, tx, tw, None, eps, True),
+    rms_norm_reference, _rms_norm_fake)
