@@ -7,7 +7,11 @@ Needs a CUDA device. Measures, in one run:
 - the flash-attention JVP against the JVP through math attention (the rule's own
   materialised-scores path) and against the primal fused SDPA forward, at sequence
   lengths 512, 2048 and 8192 (batch 1, 16 heads, head dim 64, fp16, causal): time and
-  peak memory; "OOM" where a method runs out of memory.
+  peak memory; "OOM" where a method runs out of memory;
+- where a kernel pays for its launch: the graph path's JVP of one op (gelu, sin, mul,
+  softmax, layer_norm; float32, K = 1 and 4) per call, with the op's fused kernel at any
+  size and with the rule's own math (kernels off while the graph is traced), over sizes
+  from 4K to 16M elements: what ``triton_kernels.MIN_TANGENT_BYTES`` is chosen from.
 
 Writes gpu.md and gpu.json under --out (default benchmarks/results).
 """
@@ -99,36 +103,109 @@ def attention_rows(quick):
     return rows
 
 
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _per_call(fn, min_time=0.02, device="cuda"):
+    """Seconds per call of back-to-back calls (what a training loop sees: CPU launch cost
+    and GPU time overlap)."""
+    import time
+    for _ in range(3):
+        fn()
+    _sync(device)
+    n, elapsed = 8, 0.0
+    while elapsed < min_time:
+        n *= 2
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        elapsed = time.perf_counter() - t0
+    return elapsed / n
+
+
+CROSSOVER_OPS = {
+    "gelu": lambda x, y, w, b: torch.nn.functional.gelu(x),
+    "sin": lambda x, y, w, b: torch.sin(x),
+    "mul": lambda x, y, w, b: x * y,
+    "softmax": lambda x, y, w, b: torch.softmax(x, -1),
+    "layer_norm": lambda x, y, w, b: torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b),
+}
+
+
+def crossover_rows(quick, device="cuda"):
+    import torch_fwd
+    from torch_fwd import triton_kernels
+    sizes = (1 << 12, 1 << 18) if quick else (1 << 12, 1 << 15, 1 << 18, 1 << 21, 1 << 24)
+    rows = []
+    for name, body in CROSSOVER_OPS.items():
+        for n in sizes:
+            for k in (1, 4):
+                x, y = (torch.randn(n // 1024, 1024, device=device) for _ in range(2))
+                w, b = torch.randn(1024, device=device), torch.randn(1024, device=device)
+                primals = (x, y, w, b)
+                tangents = tuple(torch.randn(k, *p.shape, device=device) for p in primals)
+                row = dict(op=name, numel=n, K=k)
+                for setting in ("kernel", "rule math"):
+                    # a fresh dynamo cache: the JVP graph is traced anew under each setting
+                    torch._dynamo.reset()
+                    f = (lambda *a: body(*a))  # noqa: E731 - a new function object per setting
+                    call = (lambda: torch_fwd.jvp(f, primals, tangents, chunked=True, path="graph"))  # noqa: E731
+                    if setting == "kernel":
+                        with triton_kernels.at_any_size():  # (the trace decides; later calls reuse its graph)
+                            call()
+                    else:
+                        with triton_kernels.disabled():
+                            call()
+                    row[setting] = _per_call(call, device=device)
+                rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sections", default="bandwidth,attention,crossover")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA device")
     card = torch.cuda.get_device_name()
     errors = []
+    sections = set(a.sections.split(","))
     # one failing section (a kernel that does not build on this card's Triton) must not
-    # cost the other's numbers: the GPU is lent for minutes
-    try:
-        bw = bandwidth_rows(a.quick)
-    except Exception as e:  # noqa: BLE001
-        bw, _ = [], errors.append(f"bandwidth: {type(e).__name__}: {e}")
-    try:
-        att = attention_rows(a.quick)
-    except Exception as e:  # noqa: BLE001
-        att, _ = [], errors.append(f"attention: {type(e).__name__}: {e}")
-    lines = [f"# Triton kernels on {card}", "", f"torch {torch.__version__}, Python {platform.python_version()}", "",
-             "| kernel | dtype | GB/s | copy GB/s | fraction of copy |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['kernel']} | {r['dtype']} | {r['GBps']:.0f} | {r['copy_GBps']:.0f} | {r['fraction_of_copy']:.2f} |"
-              for r in bw]
-    lines += ["", "| seq | method | time (ms) | peak memory (MiB) |", "|---:|---|---:|---:|"]
+    # cost the others' numbers: the GPU is lent for minutes
+    results = {}
+    for name, fn in (("bandwidth", bandwidth_rows), ("attention", attention_rows), ("crossover", crossover_rows)):
+        if name in sections:
+            try:
+                results[name] = fn(a.quick)
+            except Exception as e:  # noqa: BLE001
+                results[name] = []
+                errors.append(f"{name}: {type(e).__name__}: {e}")
+    bw, att, cross = (results.get(n, []) for n in ("bandwidth", "attention", "crossover"))
+    lines = [f"# Triton kernels on {card}", "", f"torch {torch.__version__}, Python {platform.python_version()}"]
+    if bw:
+        lines += ["", "| kernel | dtype | GB/s | copy GB/s | fraction of copy |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {r['kernel']} | {r['dtype']} | {r['GBps']:.0f} | {r['copy_GBps']:.0f} | "
+                  f"{r['fraction_of_copy']:.2f} |" for r in bw]
+    if att:
+        lines += ["", "| seq | method | time (ms) | peak memory (MiB) |", "|---:|---|---:|---:|"]
     for r in att:
         for name, m in r.items():
             if name == "seq":
                 continue
             cell = "OOM | -" if m == "OOM" else f"{m['seconds'] * 1e3:.3f} | {m['peak_MiB']:.0f}"
             lines.append(f"| {r['seq']} | {name} | {cell} |")
+    if cross:
+        lines += ["", "Graph-path JVP of one op per call (float32, rows of 1024), with the fused kernel and with "
+                  "the rule's math; below 1 the kernel wins.", "",
+                  "| op | elements | K | kernel (us) | rule math (us) | kernel / rule math |",
+                  "|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['op']} | {r['numel']} | {r['K']} | {r['kernel'] * 1e6:.1f} | {r['rule math'] * 1e6:.1f} | "
+              f"{r['kernel'] / r['rule math']:.2f} |" for r in cross]
     lines += [""] + [f"error: {e[:500]}" for e in errors]
     md = "\n".join(lines) + "\n"
     print(md)
@@ -136,7 +213,8 @@ def main(argv=None):
     with open(os.path.join(a.out, "gpu.md"), "w") as f:
         f.write(md)
     with open(os.path.join(a.out, "gpu.json"), "w") as f:
-        json.dump(dict(card=card, torch=torch.__version__, bandwidth=bw, attention=att, errors=errors), f, indent=1)
+        json.dump(dict(card=card, torch=torch.__version__, bandwidth=bw, attention=att, crossover=cross, errors=errors),
+                  f, indent=1)
 
 
 if __name__ == "__main__":
