@@ -168,10 +168,6 @@ def test_entries_of_other_backends_are_not_used():
     torch.testing.assert_close(torch.compile(f, backend="eager")(x), out)
 
 
-def _defaults(x, s=2.0):
-    return x * s
-
-
 def _varargs(*xs):
     return xs[0] * 3
 
@@ -181,14 +177,37 @@ class _Callable:
         return x * 4
 
 
-@pytest.mark.parametrize("func, factor", [(_defaults, 2.0), (_varargs, 3.0), (_Callable(), 4.0),
-                                          (lambda x, *, s=5.0: x * s, 5.0)])
+@pytest.mark.parametrize("func, factor", [(_varargs, 3.0), (_Callable(), 4.0), (lambda x, *, s=5.0: x * s, 5.0)])
 def test_functions_it_does_not_serve_still_work(func, factor):
-    assert _DirectCall.for_function(func) is None or func is _defaults
+    assert _DirectCall.for_function(func) is None
     x, v = rand(3), rand(3)
     for _ in range(2):
         _, t = torch_fwd.jvp(func, (x,), (v,))
         torch.testing.assert_close(t, v * factor)
+
+
+def test_parameters_left_to_their_defaults_are_served_and_guarded():
+    def f(x, s=2.0, w=None):
+        return x * s if w is None else x * s * w
+    counter = _count_dynamo_calls(f)
+    x, v = rand(3), rand(3)
+    for _ in range(3):
+        _, t = torch_fwd.jvp(f, (x,), (v,))
+        torch.testing.assert_close(t, v * 2.0)
+    assert counter.calls == 1
+    # a default reassigned: dynamo's guard on it fails and dynamo recompiles
+    f.__defaults__ = (3.0, None)
+    _, t = torch_fwd.jvp(f, (x,), (v,))
+    torch.testing.assert_close(t, v * 3.0)
+    assert counter.calls == 2
+    # the parameter given as a primal: dynamo compiles for it; leaving it out again is served
+    s_, vs = rand(3), rand(3)
+    _, t = torch_fwd.jvp(f, (x, s_), (v, vs))
+    torch.testing.assert_close(t, v * s_ + x * vs)
+    assert counter.calls == 3
+    _, t = torch_fwd.jvp(f, (x,), (v,))
+    torch.testing.assert_close(t, v * 3.0)
+    assert counter.calls == 3
 
 
 # ---- bindings ----------------------------------------------------------------------------------

@@ -351,7 +351,7 @@ _PLAIN_ARGS_ONLY = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
 
 class _DirectCall:
     """Dynamo's cache hit without dynamo's frame machinery, for a plain function called
-    with all its positional arguments.
+    with positional arguments (trailing parameters with defaults may be left out).
 
     Each of dynamo's cache entries for a code object (``_debug_get_cache_entry_list``)
     holds its guard manager and the transformed code dynamo runs when the guards pass.
@@ -359,7 +359,10 @@ class _DirectCall:
     the contents of the closure's cells (``LocalSource(is_derefed_cell_contents=True)``)
     -- so we build that mapping, check the entries made with our backend in dynamo's
     order and run the passing entry's code as a function with the same globals and
-    closure: what dynamo itself would run, minus its ~35 us of Python per call. No entry
+    closure: what dynamo itself would run, minus its ~35 us of Python per call. A parameter
+    left to its default is in the frame's locals as the default's current value (Python's
+    call fills it in; dynamo guards on it like any argument), and the transformed code is
+    called with it filled in the same way. No entry
     passing (a first call, a guard failing) returns _NO_ENTRY and dynamo decides as
     always: a recompile, or an error; a call it does not serve returns _NOT_SERVED.
     Entries are read afresh on every call, so ``torch._dynamo.reset()`` or an evicted
@@ -380,8 +383,14 @@ class _DirectCall:
         return cls(fn)
 
     def __call__(self, args):
-        if len(args) != len(self.names) or self.fn.__code__ is not self.code or torch.compiler.is_compiling():
+        if self.fn.__code__ is not self.code or torch.compiler.is_compiling():
             return _NOT_SERVED
+        missing = len(self.names) - len(args)
+        if missing:
+            defaults = self.fn.__defaults__  # (read per call: it can be reassigned)
+            if missing < 0 or defaults is None or missing > len(defaults):
+                return _NOT_SERVED
+            args = (*args, *defaults[len(defaults) - missing:])
         entries = _cache_entries(self.code)
         if not entries:
             return _NO_ENTRY
