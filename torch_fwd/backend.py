@@ -164,11 +164,19 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
         try:
             return _compile(jg, args, tangents, patches, direct=True)
         except Exception as e:  # noqa: BLE001 - compile_fx below reports what is real
-            log.warning("torch_fwd backend: Inductor's direct compile failed (%s: %s); compiling "
-                        "through compile_fx", type(e).__name__, e)
+            # (once per distinct failure: on a torch whose compile_fx_forward differs from the
+            # one this was written against, 2.11's say, every graph fails the same way)
+            why = f"{type(e).__name__}: {e}"
+            level = logging.DEBUG if why in _direct_failures_seen else logging.WARNING
+            _direct_failures_seen.add(why)
+            log.log(level, "torch_fwd backend: Inductor's direct compile failed (%s); compiling through "
+                    "compile_fx", why)
     with triton_kernels.for_inductor():
         jg = build_jvp_graph(aten_gm, args, active, chunk)
     return _compile(jg, args, tangents, patches, direct=False)
+
+
+_direct_failures_seen: set = set()
 
 
 def _direct_ok(patches) -> bool:
