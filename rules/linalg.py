@@ -8,7 +8,7 @@ import torch
 
 from torch_fwd.engine import for_autograd, jvp_op, without_rule
 from torch_fwd.registry import call_op, library_rule as reg
-from torch_fwd.tangent import tadd
+from torch_fwd.tangent import align, tadd
 
 from ._cases import case, randn
 
@@ -124,9 +124,11 @@ def _solve_triangular(p, t):
     tA, tB = t[0], t[1]
     if tA is None and tB is None:
         return X, None
-    rhs = tB
+    # (tangents viewed with X's rank after K: a batch dimension only B or only A has stays
+    # where the op broadcast it, never against K)
+    rhs = align(tB, X.dim())
     if tA is not None:
-        tA = _sym_tri(tA, upper)
+        tA = align(_sym_tri(tA, upper), X.dim())
         if unitriangular:
             tA = tA - torch.diag_embed(tA.diagonal(dim1=-2, dim2=-1))
         rhs = tadd(rhs, -(tA @ X) if left else -(X @ tA))
@@ -142,13 +144,15 @@ def _cholesky_solve(p, t):
     tB, tL = t[0], t[1]
     if tB is None and tL is None:
         return X, None
-    rhs = tB
+    # (tangents viewed with X's rank after K: a batch dimension only B or only L has stays
+    # where the op broadcast it, never against K)
+    rhs = align(tB, X.dim())
     # the op reads one triangle of L; so does its tangent (PyTorch's own backward of
     # cholesky_solve spreads gradient over the whole of L: the tril keeps autograd exact)
     L = _sym_tri(L, upper)
     if tL is not None:
         Xt = aten.cholesky_solve.default(B, L, upper) if for_autograd() else X
-        tL = _sym_tri(tL, upper)
+        tL = align(_sym_tri(tL, upper), X.dim())
         # A = L L^T (or U^T U); dA = dL L^T + L dL^T. dA X as products with X's columns,
         # never forming dA: two matrix-vector products for a vector right-hand side where
         # dA would cost two n^3 matmuls
@@ -157,7 +161,18 @@ def _cholesky_solve(p, t):
         else:
             dAX = tL @ (L.mT @ Xt) + L @ (tL.mT @ Xt)
         rhs = tadd(rhs, -dAX)
-    return X, torch.cholesky_solve(rhs, L.expand(rhs.shape[:-2] + L.shape[-2:]) if rhs.dim() > L.dim() else L, upper)
+    k = rhs.shape[0]
+    return X, _solve_each_direction(rhs.expand((k,) + X.shape), L.expand(X.shape[:-2] + L.shape[-2:]), upper)
+
+
+def _solve_each_direction(rhs, L, upper):
+    """cholesky_solve of K right-hand sides (K, ..., n, m) with one factor (..., n, n) of
+    the same batch: the K directions become K x m columns of one solve. One LAPACK call,
+    and no copy of the factor expanded to K (for K = 64, n = 128 and a vector right-hand
+    side, 125 us against 970 us for K batched solves)."""
+    cols = rhs.movedim(0, -1)  # (..., n, m, K)
+    out = torch.cholesky_solve(cols.reshape(cols.shape[:-2] + (-1,)), L, upper)
+    return out.reshape(cols.shape).movedim(-1, 0)
 
 
 reg(aten.cholesky_solve.default, _cholesky_solve)
@@ -198,8 +213,10 @@ def _linalg_solve_ex(p, t):
     vec = _is_vector_rhs(A, B)
     Bm = B.unsqueeze(-1) if vec else B
     Xm = torch.linalg.lu_solve(LU, pivots, Bm, left=left)
-    rhs = None if tB is None else (tB.unsqueeze(-1) if vec else tB)
+    # (tangents viewed with Xm's rank after K, as in _solve_triangular)
+    rhs = None if tB is None else align(tB.unsqueeze(-1) if vec else tB, Xm.dim())
     if tA is not None:
+        tA = align(tA, Xm.dim())
         rhs = tadd(rhs, -(tA @ Xm) if left else -(Xm @ tA))
     tX = torch.linalg.lu_solve(LU, pivots, rhs, left=left)
     X = Xm.squeeze(-1) if vec else Xm
@@ -295,6 +312,10 @@ TEST_CASES = [
     case("cholesky_upper_nonsymmetric_direction", lambda a: torch.linalg.cholesky(a, upper=True), lambda: (_spd(4),),
          check_torch_func=False),
     case("solve_triangular", lambda a, b: torch.linalg.solve_triangular(a, b, upper=False), lambda: (_tri(4), randn(4, 2))),
+    case("solve_triangular_batched_rhs_one_factor", lambda a, b: torch.linalg.solve_triangular(a, b, upper=False),
+         lambda: (_tri(4), randn(2, 4, 3))),
+    case("solve_triangular_batched_factor_one_rhs", lambda a, b: torch.linalg.solve_triangular(a, b, upper=True),
+         lambda: (torch.stack([_tri(4, upper=True), _tri(4, upper=True)]), randn(4, 3))),
     case("solve_triangular_right_upper", lambda a, b: torch.linalg.solve_triangular(a, b, upper=True, left=False, unitriangular=True),
          lambda: (_tri(3, upper=True), randn(2, 3))),
     # cholesky_solve reads one triangle of its factor; torch.func.jvp differentiates the whole
@@ -305,6 +326,10 @@ TEST_CASES = [
     case("cholesky_solve", lambda b, l: torch.cholesky_solve(b, l), lambda: (randn(4, 2), _tri(4)), check_torch_func=False),
     case("cholesky_solve_batched_factor", lambda b, l: torch.cholesky_solve(b, l),
          lambda: (randn(2, 4, 3), torch.stack([_tri(4), _tri(4)])), check_torch_func=False),
+    case("cholesky_solve_batched_rhs_one_factor", lambda b, l: torch.cholesky_solve(b, l),
+         lambda: (randn(2, 4, 3), _tri(4)), check_torch_func=False),
+    case("cholesky_solve_batched_factor_one_rhs", lambda b, l: torch.cholesky_solve(b, l),
+         lambda: (randn(4, 3), torch.stack([_tri(4), _tri(4)])), check_torch_func=False),
     case("cholesky_solve_upper_vector_rhs", lambda b, u: torch.cholesky_solve(b, u, upper=True),
          lambda: (randn(4, 1), _tri(4, upper=True)), check_torch_func=False),
     case("cholesky_solve_upper", lambda b, u: torch.cholesky_solve(b, u, upper=True), lambda: (randn(4, 2), _tri(4, upper=True)),
@@ -313,6 +338,8 @@ TEST_CASES = [
     case("lu_factor_wide", lambda a: torch.linalg.lu_factor(a)[0], lambda: (randn(3, 5),)),
     case("solve_general", torch.linalg.solve, lambda: (randn(4, 4) + 4 * torch.eye(4, dtype=torch.float64), randn(4, 3))),
     case("solve", torch.linalg.solve, lambda: (_spd(4), randn(4, 3))),
+    case("solve_batched_rhs_one_matrix", torch.linalg.solve, lambda: (_spd(4), randn(2, 4, 3))),
+    case("solve_batched_matrix_one_rhs", torch.linalg.solve, lambda: (_spd(4, batch=(2,)), randn(4, 3))),
     case("solve_vec", torch.linalg.solve, lambda: (_spd(4), randn(4))),
     case("solve_batched_left_false", lambda a, b: torch.linalg.solve(a, b, left=False), lambda: (_spd(3, (2,)), randn(2, 4, 3))),
     case("inv", torch.linalg.inv, lambda: (_spd(4),)),
