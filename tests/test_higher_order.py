@@ -62,6 +62,14 @@ def _params(known):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_cache():
+    # Every case's wrapper below is a closure of one code object, and each is a new dynamo
+    # cache entry for it: over a few hundred cases in one worker that passes dynamo's
+    # recompile limit (capture.py raises it to 512, then fails loudly, by design).
+    torch._dynamo.reset()
+
+
 def _setup(case, seed=0):
     torch.manual_seed(seed)
     args = case.make_args()

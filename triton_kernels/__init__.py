@@ -43,28 +43,27 @@ def kernels_on_cpu() -> bool:
 
 
 @contextlib.contextmanager
-def disabled():
-    """Rules use their PyTorch math inside (the kernels' references run the rules so)."""
-    prev = getattr(_state, "off", False)
-    _state.off = True
+def _switched_on(flag):
+    """A per-thread switch (``_state.<flag>``): on inside the with-block, restored after."""
+    prev = getattr(_state, flag, False)
+    setattr(_state, flag, True)
     try:
         yield
     finally:
-        _state.off = prev
+        setattr(_state, flag, prev)
 
 
-@contextlib.contextmanager
+def disabled():
+    """Rules use their PyTorch math inside (the kernels' references run the rules so)."""
+    return _switched_on("off")
+
+
 def for_inductor():
     """Inside, the graph being traced goes to Inductor: rules keep only the kernels Inductor
     cannot write itself (``with_kernel(..., under_inductor=True)``: flash attention). An
     elementwise or row-wise kernel would be an opaque call Inductor cannot fuse with its
     neighbours, where the rule's plain math fuses into Inductor's own Triton kernels."""
-    prev = getattr(_state, "inductor", False)
-    _state.inductor = True
-    try:
-        yield
-    finally:
-        _state.inductor = prev
+    return _switched_on("inductor")
 
 
 def under_inductor() -> bool:
@@ -75,7 +74,7 @@ def under_inductor() -> bool:
 #: and eager paths launch a kernel of each family. A kernel is launched from Python by
 #: Triton's JIT launcher, ~30-50 us of CPU time on an H100 host against ~10 us for the
 #: one or two ATen ops of the rule's math; it pays only where the memory passes it saves
-#: take longer on the GPU than that. Measured on an H100 (benchmarks/results/gpu/gpu.md,
+#: take longer on the GPU than that. Measured on an H100 (benchmarks/results/gpu/crossover.md,
 #: the crossover table: one op's graph-path JVP with the kernel and with the rule's math):
 #: the elementwise kernels won at 16M float32 elements with K = 4 and lost at 16M with
 #: K = 1 and at 2M with K = 4; softmax won from 16M elements with K = 1. The norms (whose
@@ -85,16 +84,10 @@ def under_inductor() -> bool:
 MIN_TANGENT_BYTES = {"elementwise": 1 << 27, "softmax": 1 << 26}
 
 
-@contextlib.contextmanager
 def at_any_size():
     """Inside, kernels are used whatever the size (tests on small tensors, and the
     benchmark that measures where they pay)."""
-    prev = getattr(_state, "any_size", False)
-    _state.any_size = True
-    try:
-        yield
-    finally:
-        _state.any_size = prev
+    return _switched_on("any_size")
 
 
 def worth_launching(family: str, out_numel: int, k: int, element_size: int) -> bool:
