@@ -18,6 +18,7 @@ import argparse
 import cProfile
 import io
 import pstats
+import sys
 import warnings
 
 import torch
@@ -95,7 +96,6 @@ def main(argv=None):
     ap.add_argument("--cases", default="sin_cos_exp_1e6_f32,gelu_mlp_4x1024_f32,transformer_block_f32")
     ap.add_argument("--calls", type=int, default=200)
     a = ap.parse_args(argv)
-    import sys
     wanted = a.cases.split(",")
     unknown = [n for n in wanted if n not in {c.name for c in CASES}]
     if unknown:
