@@ -54,3 +54,13 @@ def test_eager_floor_runs_and_checks_its_tangents(tmp_path, capsys):
     x, v = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     from benchmarks.cases import _sum_1000
     assert torch.allclose(_sum_1000(eager_floor.MinimalDual(x, v)).t, v.sum())
+
+
+def test_gpu_profile_runs_on_cpu_and_reports_every_path(capsys):
+    # (the diagnostic a lent GPU machine runs: kept from rotting where there is no GPU)
+    from benchmarks import gpu_profile
+    gpu_profile.main(["--device", "cpu", "--cases", "sum_1000", "--calls", "3"])
+    out = capsys.readouterr().out
+    for path in gpu_profile.PATHS:
+        assert f"## sum_1000, {path} (" in out, path
+    assert out.count("ncalls") == len(gpu_profile.PATHS)
