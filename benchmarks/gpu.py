@@ -103,29 +103,6 @@ def attention_rows(quick):
     return rows
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _per_call(fn, min_time=0.02, device="cuda"):
-    """Seconds per call of back-to-back calls (what a training loop sees: CPU launch cost
-    and GPU time overlap)."""
-    import time
-    for _ in range(3):
-        fn()
-    _sync(device)
-    n, elapsed = 8, 0.0
-    while elapsed < min_time:
-        n *= 2
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        _sync(device)
-        elapsed = time.perf_counter() - t0
-    return elapsed / n
-
-
 CROSSOVER_OPS = {
     "gelu": lambda x, y, w, b: torch.nn.functional.gelu(x),
     "sin": lambda x, y, w, b: torch.sin(x),
@@ -138,6 +115,9 @@ CROSSOVER_OPS = {
 def crossover_rows(quick, device="cuda"):
     import torch_fwd
     from torch_fwd import triton_kernels
+
+    # (the suite's timer: back-to-back calls, CUDA synchronised, as a training loop sees them)
+    from .suite import _per_call
     sizes = (1 << 12, 1 << 18) if quick else (1 << 12, 1 << 15, 1 << 18, 1 << 21, 1 << 24)
     rows = []
     for name, body in CROSSOVER_OPS.items():
@@ -159,7 +139,7 @@ def crossover_rows(quick, device="cuda"):
                     else:
                         with triton_kernels.disabled():
                             call()
-                    row[setting] = _per_call(call, device=device)
+                    row[setting] = _per_call(call, 0.02)
                 rows.append(row)
     return rows
 

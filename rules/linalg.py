@@ -144,8 +144,7 @@ def _cholesky_solve(p, t):
     tB, tL = t[0], t[1]
     if tB is None and tL is None:
         return X, None
-    # (tangents viewed with X's rank after K: a batch dimension only B or only L has stays
-    # where the op broadcast it, never against K)
+    # (tangents viewed with X's rank after K, as in _solve_triangular)
     rhs = align(tB, X.dim())
     # the op reads one triangle of L; so does its tangent (PyTorch's own backward of
     # cholesky_solve spreads gradient over the whole of L: the tril keeps autograd exact)
