@@ -203,6 +203,40 @@ def test_compiled_outputs_that_alias_inputs_or_are_transposed_keep_the_primals_l
     assert out[0].data_ptr() == x.data_ptr()  # x.t() is a view of x, as it is uncompiled
 
 
+def test_one_direction_reaches_the_compiled_graph_without_its_K(monkeypatch):
+    """Without chunked, the compiled JVP graph takes each tangent as given and gives the
+    output's tangent in the output's shape: K = 1 is added and removed inside the graph,
+    where Inductor makes both free, not by views around every call. Chunked with K = 1,
+    the same function gets a graph of its own, with the K."""
+    import torch_fwd.backend as backend
+    seen = []
+    real = backend.inductor_directly
+
+    def spy(gm, examples, patches):
+        seen.append([tuple(e.shape) for e in examples])
+        return real(gm, examples, patches)
+    monkeypatch.setattr(backend, "inductor_directly", spy)
+
+    def f(x, w):
+        return (torch.sin(x) @ w).relu() * x.sum()
+
+    x, w, vx, vw = rand(5, 3), rand(3, 2), rand(5, 3), rand(3, 2)
+    ref = torch.func.jvp(f, (x, w), (vx, vw))[1]
+    out, t = torch_fwd.jvp(f, (x, w), (vx, vw), compile=True)
+    assert torch_fwd.explain() == "compiled (1 region)"
+    assert seen == [[(5, 3), (3, 2), (5, 3), (3, 2)]]
+    assert t.shape == (5, 2) and not t._is_view()
+    torch.testing.assert_close(t, ref)
+    torch.testing.assert_close(t, fd(f, (x, w), (vx, vw)), rtol=1e-6, atol=1e-6)
+    # served again, and with w's tangent zero
+    torch.testing.assert_close(torch_fwd.jvp(f, (x, w), (vx, vw), compile=True)[1], ref)
+    t0 = torch_fwd.jvp(f, (x, w), (vx, torch.zeros_like(vw)), compile=True)[1]
+    torch.testing.assert_close(t0, torch.func.jvp(f, (x, w), (vx, torch.zeros_like(vw)))[1])
+    out, T = torch_fwd.jvp(f, (x, w), (vx[None], vw[None]), chunked=True, compile=True)
+    assert seen[-1] == [(5, 3), (3, 2), (1, 5, 3), (1, 3, 2)]
+    torch.testing.assert_close(T, ref[None])
+
+
 def test_a_region_that_cannot_be_compiled_runs_eagerly_and_says_so(monkeypatch):
     _refuse_jvp_graphs(monkeypatch)
 

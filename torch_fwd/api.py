@@ -88,14 +88,16 @@ _flat_specs: dict = {}
 
 def _check_flat(primals, tangents, chunked, name):
     """_check's result without pytree for the common case -- tuples of plain floating
-    tensors, same shapes, dtypes and devices -- or None (then _check looks closely and
-    says what is wrong). Per-call cost matters for small functions."""
+    tensors, same shapes, dtypes and devices, none wrapped by a functorch transform or
+    functional -- or None (then _check looks closely and says what is wrong, and
+    _inside_another_transform what is nested). Per-call cost matters for small functions."""
     if type(primals) is not tuple or type(tangents) is not tuple or len(primals) != len(tangents):
         return None
     chunk = None
     for p, t in zip(primals, tangents):
         if type(p) is not torch.Tensor or type(t) is not torch.Tensor or t.dtype != p.dtype \
-                or not p.is_floating_point() or t.device != p.device:
+                or not p.is_floating_point() or t.device != p.device \
+                or _is_wrapped(p) or _is_wrapped(t) or _is_functional(p) or _is_functional(t):
             return None
         if chunked:
             k = t.shape[0] if t.dim() == p.dim() + 1 else -1
@@ -118,18 +120,18 @@ def _signature(flat_p, chunk):
 
 
 def _capture_for(func):
-    return _cached(func, lambda: GuardedCapture(func))
+    return _cached(func, GuardedCapture)
 
 
 def _cached(key, make):
-    """``_captures[key]``, made by ``make()`` on a miss; least recently used dropped past
+    """``_captures[key]``, made by ``make(key)`` on a miss; least recently used dropped past
     the bound. An unhashable key (a function object that is not hashable) is not cached."""
     # (a hit is read without the lock: each OrderedDict operation is one C call under the
     # GIL, and a key another thread drops in between is simply made again below)
     try:
         obj = _captures.get(key)
     except TypeError:
-        return make()
+        return make(key)
     if obj is not None:
         try:
             _captures.move_to_end(key)
@@ -139,7 +141,7 @@ def _cached(key, make):
     with _captures_lock:
         obj = _captures.get(key)
         if obj is None:
-            obj = _captures[key] = make()
+            obj = _captures[key] = make(key)
             while len(_captures) > _CAPTURE_CACHE_SIZE:
                 _captures.popitem(last=False)
         else:
@@ -178,10 +180,20 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
         # enclosing jvp then runs eagerly or traces with make_fx (path="graph")
         raise NestedJvpUnderDynamo("torch_fwd.jvp cannot be captured by dynamo (a nested jvp)")
     compile_opts = _compile_options(func, compile, path)
-    flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
-    nested = _inside_another_transform(flat_p, flat_t)
-    # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents)
-    ts = [(t if chunked else t.unsqueeze(0)).contiguous() for t in flat_t]
+    checked = _check_flat(primals, tangents, chunked, "jvp")
+    if checked is not None:
+        flat_p, flat_t, spec, chunk = checked
+        # (plain tensors, none a Dual or wrapped: only a dispatch mode makes this jvp nested)
+        nested = _dispatch_modes() > 0
+    else:
+        flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
+        nested = _inside_another_transform(flat_p, flat_t)
+    # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents).
+    # A compiled JVP graph takes and gives one direction's tangents as they are (the K added
+    # and removed inside it: backend.unbatched_tangents).
+    unbatched = compile_opts is not None and not chunked and not nested
+    ts = [t.contiguous() for t in flat_t] if unbatched else \
+        [(t if chunked else t.unsqueeze(0)).contiguous() for t in flat_t]
     primal_args = primals if spec is _flat_specs.get(len(flat_p)) else pytree.tree_unflatten(flat_p, spec)
 
     out = None
@@ -191,13 +203,15 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
         # its own would see the enclosing level's Duals it closes over as constants.
         why = "eager (inside another transform)"
     elif compile_opts is not None:
-        out, why = _compiled(func, compile_opts, primal_args, flat_p, ts, spec, chunk, has_aux)
+        out, why = _compiled(func, compile_opts, primal_args, flat_p, ts, spec, chunk, has_aux, unbatched)
+        if out[1] is _UNBATCHED:
+            _last_path.value = why
+            return (out[0], out[3], out[2]) if has_aux else (out[0], out[3])
     elif path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
             raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk))
-            res, aux = _split_aux(raw, has_aux)
-            out = res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk), aux
+            out = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux)
             why = "graph"
         except CaptureFailed as e:
             if path == "graph" and e.nested_jvp:
@@ -266,32 +280,51 @@ def _compiled_for(func, opts):
     """func under torch.compile with the torch_fwd backend (graph breaks allowed)."""
     func = _unwrap_compiled(func)
 
-    def make():
+    def make(_key):
         ensure_compiler_imported()
         return torch.compile(func, backend=torch_fwd_backend, **opts)
     return _cached(("dual", func, repr(sorted(opts.items()))), make)
 
 
-def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux):
+_UNBATCHED = object()  # _compiled's mark for an output tangent already without its K
+
+
+def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux, unbatched=False):
     """jvp(compile=...). First as the graph path does: dynamo captures func whole on the
     primals (tangents beside them, capture.py), and the JVP graph is compiled by Inductor:
     nothing but dynamo's guard check and the compiled graph runs per call. A function that
     cannot be captured whole (a graph break) runs under torch.compile with the torch_fwd
     backend on Duals instead (backend.py): its graphs compiled, the code between them
-    carrying tangents eagerly."""
+    carrying tangents eagerly.
+
+    ``unbatched``: ``ts`` are one direction's tangents without the leading K = 1, and so are
+    the tangents the captured graphs give; an output tangent comes back as
+    ``(output, _UNBATCHED, aux, tangent)``, anything else as (output, tangents with K,
+    aux)."""
     if opts.get("dynamic") is None:
         cap = _capture_for(_unwrap_compiled(func))
         try:
             raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
-                                   inductor=jvp_patches(opts.get("mode"), opts.get("options")))
-            res, aux = _split_aux(raw, has_aux)
-            return (res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk),
-                    aux), "compiled (1 region)"
+                                   inductor=jvp_patches(opts.get("mode"), opts.get("options")),
+                                   unbatched=unbatched)
+            if unbatched:
+                res, aux = _split_aux(raw, has_aux)
+                t = results.get(id(res)) if type(res) is torch.Tensor else None
+                if t is not None and t.shape == res.shape:
+                    return (res, _UNBATCHED, aux, t), "compiled (1 region)"
+                # (pytree outputs, outputs dynamo makes outside the graph: as with K)
+                results = {k: v.unsqueeze(0) for k, v in results.items()}
+            return _graph_outputs(raw, results, flat_p, _batched(ts, unbatched), chunk, has_aux), \
+                "compiled (1 region)"
         except CaptureFailed as e:
             if e.nested_jvp:
-                return _eager(func, flat_p, ts, spec, chunk, has_aux), \
+                return _eager(func, flat_p, _batched(ts, unbatched), spec, chunk, has_aux), \
                     "eager (the function calls jvp, which dynamo cannot capture)"
-    return _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux)
+    return _compiled_duals(func, opts, flat_p, _batched(ts, unbatched), spec, chunk, has_aux)
+
+
+def _batched(ts, unbatched):
+    return [t.unsqueeze(0) for t in ts] if unbatched else ts
 
 
 def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
@@ -346,7 +379,7 @@ def _inside_another_transform(flat_p, flat_t) -> bool:
                 "torch_fwd.jvp inside a torch.func transform (vmap, grad, jvp, functionalize) is not "
                 "supported: call torch_fwd's transforms outside torch.func's, or use torch_fwd.jacfwd / "
                 "chunked=True instead of vmap")
-    if torch._C._len_torch_dispatch_stack() > 0:
+    if _dispatch_modes() > 0:
         return True
     for x in both:
         if type(x) is not torch.Tensor and isinstance(x, Dual):
@@ -356,6 +389,7 @@ def _inside_another_transform(flat_p, flat_t) -> bool:
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _is_functional = torch._is_functional_tensor
+_dispatch_modes = torch._C._len_torch_dispatch_stack
 
 
 def _traced_once(func, flat_p, ts, spec, chunk, has_aux):
@@ -420,6 +454,18 @@ def _graph_output_tangent(o, results, flat_p, ts):
                 return tp
             return restride_through_storage(tp, p, o.shape, o.stride(), o.storage_offset())
     return None
+
+
+def _graph_outputs(raw, results, flat_p, ts, chunk, has_aux):
+    """(output, its tangents, aux) of a captured function's run, from the tangents its
+    graphs left in ``results``."""
+    if not has_aux and type(raw) is torch.Tensor:
+        # (the common case, without _collect's closure and pytree)
+        t = results.get(id(raw))
+        if t is not None and t.shape[0] == chunk and t.shape[1:] == raw.shape:
+            return raw, t, None
+    res, aux = _split_aux(raw, has_aux)
+    return res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk), aux
 
 
 def _split_aux(raw, has_aux):

@@ -140,10 +140,12 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     return _TangentGraph(gm, jvp_patches(mode, options)[1])
 
 
-def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, grad):
+def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, grad, unbatched=False):
     """The JVP graph of ``aten_gm`` (transform.JVPGraph) with its GraphModule compiled by
     Inductor for these inputs (``tangents``: one per input, None where inactive); the
     caller's guards keep them valid. ``grad``: whether autograd will differentiate it.
+    ``unbatched``: one direction, its tangents without the leading K = 1 (see
+    ``unbatched_tangents``).
 
     Where autograd will not (the common case) and no option asks for what only
     ``compile_fx`` arranges (CUDA graphs, the C++ wrapper, freezing), the graph goes to
@@ -161,6 +163,8 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
         from torch._inductor.decomposition import select_decomp_table
         with triton_kernels.for_inductor():
             jg = build_jvp_graph(aten_gm, args, active, chunk, decompositions=select_decomp_table())
+        if unbatched:
+            jg = unbatched_tangents(jg)
         try:
             return _compile(jg, args, tangents, patches, direct=True)
         except Exception as e:  # noqa: BLE001 - compile_fx below reports what is real
@@ -173,7 +177,41 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
                     "compile_fx", why)
     with triton_kernels.for_inductor():
         jg = build_jvp_graph(aten_gm, args, active, chunk)
+    if unbatched:
+        jg = unbatched_tangents(jg)
     return _compile(jg, args, tangents, patches, direct=False)
+
+
+def unbatched_tangents(jg):
+    """``jg`` (traced with K = 1) taking each tangent without its leading K and giving each
+    tangent without it: the K dimension added and removed inside the graph, where Inductor
+    makes both free (an input read in place, an output allocated in its final shape), not
+    around it, where each is a view made on every call -- for a small function most of
+    what a compiled jvp costs beyond torch's own (``simple_mlp``: seven views a call)."""
+    import dataclasses
+    aten = torch.ops.aten
+    gm = jg.gm  # (built for this compile alone: rewritten in place)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[len(jg.active_inputs):]:
+        with graph.inserting_after(placeholders[-1]):
+            batched = graph.call_function(aten.unsqueeze.default, (ph, 0))
+        ph.replace_all_uses_with(batched, delete_user_cb=lambda u: u is not batched)
+        if "val" in ph.meta:  # (Inductor's passes read each node's fake value)
+            batched.meta["val"] = ph.meta["val"]
+            ph.meta["val"] = ph.meta["val"].squeeze(0)
+    output = next(n for n in graph.nodes if n.op == "output")
+    outs = list(output.args[0])
+    with graph.inserting_before(output):
+        for i in range(len(jg.active_outputs), len(outs)):
+            single = graph.call_function(aten.squeeze.dim, (outs[i], 0))
+            if "val" in outs[i].meta:
+                single.meta["val"] = outs[i].meta["val"].squeeze(0)
+            outs[i] = single
+    output.args = (tuple(outs),)
+    graph.lint()
+    gm.recompile()
+    return dataclasses.replace(jg, gm=gm)
 
 
 _direct_failures_seen: set = set()

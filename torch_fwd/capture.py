@@ -134,17 +134,27 @@ class _RecordUserFrames(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _Channel(threading.local):
-    def __init__(self):
-        self.tangents = None  # id(primal) -> tangent
-        self.chunk = None
-        self.results = None   # id(tensor) -> tangent
+class _Call:
+    """What one GuardedCapture.run hands the graphs dynamo calls (one object per call, set
+    on the thread's channel in one assignment: per-call cost matters for small functions)."""
+    __slots__ = ("tangents", "chunk", "unbatched", "results", "ran", "interpret", "inductor", "inductor_key")
+
+    def __init__(self, tangents, chunk, interpret, inductor, unbatched=False):
+        self.tangents = tangents  # id(primal) -> tangent
+        self.chunk = chunk
+        # one direction, every tangent (in and out) without the leading K = 1: jvp(compile=...)
+        # without chunked (backend.unbatched_tangents)
+        self.unbatched = unbatched
+        self.results = {}         # id(tensor) -> tangent
         self.ran = 0
-        # instead of a JVP graph: interpret(aten_gm, args, channel) -> outputs (laplacian)
-        self.interpret = None
-        # jvp(compile=...): Inductor config patches for the JVP graph, and a key for them
-        self.inductor = None
-        self.inductor_key = None
+        # instead of a JVP graph: interpret(aten_gm, args, call) -> outputs (laplacian)
+        self.interpret = interpret
+        # jvp(compile=...): a key for the Inductor config patches of the JVP graph, and them
+        self.inductor_key, self.inductor = inductor if inductor is not None else (None, None)
+
+
+class _Channel(threading.local):
+    call = None  # the _Call of the run in progress on this thread
 
 
 _channel = _Channel()
@@ -168,8 +178,8 @@ class _CompiledGraph:
         return self.aten_gm
 
     def __call__(self, *args):
-        ch = _channel
-        if ch.tangents is None:
+        ch = _channel.call
+        if ch is None:
             # called outside torch_fwd.jvp: the primal function
             return self.torch_gm(*args)
         if ch.interpret is not None:
@@ -191,7 +201,8 @@ class _CompiledGraph:
         # (jvp(compile=...) asks for the JVP graph compiled by Inductor: a property of the
         # call, not of the capture, so the graph path and the compiled path share dynamo's
         # cache entries and neither can be served the other's graph)
-        key = (tuple([t is not None for t in tangents]), ch.chunk, registry.generation(), grad, ch.inductor_key)
+        key = (tuple([t is not None for t in tangents]), ch.chunk, ch.unbatched, registry._generation[0], grad,
+               ch.inductor_key)
         jg = self.jvp_graphs.get(key)  # (a dict read needs no lock; building one does)
         if jg is None:
             jg = self._build(key, args, tangents, grad, ch)
@@ -200,8 +211,9 @@ class _CompiledGraph:
         for o, t in zip(outs, touts):
             if t is not None:
                 results[id(o)] = t
-        for i, t in mutated.items():
-            results[id(args[i])] = t
+        if mutated:
+            for i, t in mutated.items():
+                results[id(args[i])] = t
         ch.ran += 1
         return outs
 
@@ -213,8 +225,11 @@ class _CompiledGraph:
                     with building_for_autograd(grad):
                         if ch.inductor is not None:
                             jg = build_compiled_jvp_graph(self._aten(args), args, tangents, key[0], ch.chunk,
-                                                          ch.inductor, grad)
+                                                          ch.inductor, grad, ch.unbatched)
                         else:
+                            if ch.unbatched:
+                                raise RuntimeError("torch_fwd internal error: unbatched tangents are for "
+                                                   "compiled JVP graphs")
                             jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
                             # (a graph autograd will differentiate keeps to Python bindings)
                             jg.trace_when_reused = not grad
@@ -282,27 +297,26 @@ class GuardedCapture:
             return True
         return len(_cache_entries(self.code)) + 1 >= torch._dynamo.config.recompile_limit
 
-    def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None, inductor=None):
+    def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None, inductor=None, unbatched=False):
         """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
         (output, {id(tensor): tangent}) or raises CaptureFailed. ``interpret``: run each
         captured ATen graph with it instead of building a JVP graph (see _Channel).
-        ``inductor``: (key, Inductor config patches): the JVP graph compiled by Inductor."""
+        ``inductor``: (key, Inductor config patches): the JVP graph compiled by Inductor;
+        ``unbatched``: with it, tangents in and out have no leading K (chunk is 1)."""
         # the signature is only computed once something has failed for this function
         # (with or without Inductor: a JVP graph Inductor cannot compile fails only that)
-        ikey = inductor[0] if inductor is not None else None
+        ikey = (inductor[0], unbatched) if inductor is not None else None
         if self.failed_keys:
             why = self.failed_keys.get((key_fn(), ikey))
             if why is not None:
                 raise CaptureFailed(*why)
-        ch = _channel
-        if ch.tangents is not None:
+        if _channel.call is not None:
             raise CaptureFailed("nested torch_fwd.jvp runs eagerly")
         if len(flat_primals) > 1 and len({id(p) for p in flat_primals}) < len(flat_primals):
             # one tensor passed twice with two tangents: identity cannot tell them apart
             raise CaptureFailed("the same tensor object is passed as two primals")
-        ch.tangents = {id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None}
-        ch.chunk, ch.results, ch.ran, ch.interpret = chunk, {}, 0, interpret
-        ch.inductor_key, ch.inductor = inductor if inductor is not None else (None, None)
+        ch = _channel.call = _Call({id(p): t for p, t in zip(flat_primals, flat_tangents) if t is not None},
+                                   chunk, interpret, inductor, unbatched)
         try:
             # under TRACE_LOCK: while another thread's make_fx traces, torch.fx's global
             # "tracing" flag makes dynamo refuse to run a compiled function
@@ -334,7 +348,7 @@ class GuardedCapture:
             self.failed_keys[(key_fn(), ikey)] = why
             raise CaptureFailed(*why) from e
         finally:
-            ch.tangents = ch.results = ch.chunk = ch.interpret = ch.inductor = ch.inductor_key = None
+            _channel.call = None
 
 
 def _cache_entries(code):
@@ -345,6 +359,7 @@ def _cache_entries(code):
 
 _NO_ENTRY = object()    # no cache entry's guards passed
 _NOT_SERVED = object()  # a call _DirectCall does not serve
+_UNSEEN = object()      # an entry _DirectCall has not looked at yet
 
 _PLAIN_ARGS_ONLY = inspect.CO_VARARGS | inspect.CO_VARKEYWORDS
 
@@ -382,6 +397,17 @@ class _DirectCall:
             return None
         return cls(fn)
 
+    def _function_for(self, entry):
+        functions = self.functions
+        if len(functions) > 64:  # codes of entries dynamo has dropped
+            functions.clear()
+        run = None
+        if getattr(entry.backend, "compiler_fn", None) is _backend:
+            fn = self.fn
+            run = types.FunctionType(entry.code, fn.__globals__, fn.__name__, None, fn.__closure__)
+        functions[entry.code] = run
+        return run
+
     def __call__(self, args):
         if self.fn.__code__ is not self.code or torch.compiler.is_compiling():
             return _NOT_SERVED
@@ -402,16 +428,13 @@ class _DirectCall:
                     f_locals[name] = cell.cell_contents
                 except ValueError:  # an empty cell is not among the frame's locals
                     pass
+        functions = self.functions
         for entry in entries:
-            if getattr(entry.backend, "compiler_fn", None) is not _backend:
-                continue
-            if entry.guard_manager.check(f_locals):
-                run = self.functions.get(entry.code)
-                if run is None:
-                    if len(self.functions) > 64:  # codes of entries dynamo has dropped
-                        self.functions.clear()
-                    fn = self.fn
-                    run = self.functions[entry.code] = types.FunctionType(
-                        entry.code, fn.__globals__, fn.__name__, None, closure)
+            # (the function running an entry's transformed code is kept by that code, and
+            # None for an entry another backend made: one dict read per entry per call)
+            run = functions.get(entry.code, _UNSEEN)
+            if run is _UNSEEN:
+                run = self._function_for(entry)
+            if run is not None and entry.guard_manager.check(f_locals):
                 return run(*args)
         return _NO_ENTRY

@@ -93,11 +93,13 @@ class JVPGraph:
     def __post_init__(self):
         # (every output with a tangent and no input mutated: the results split in two)
         self._every_output_active = all(self.active_outputs) and not self.mutated_inputs
+        self._every_input_active = all(self.active_inputs)
 
     def __call__(self, primals, tangents):
         """primals: all graph inputs; tangents: one per input (None: zero). Returns
         (outputs, output tangents with None for zero, {input index: new tangent})."""
-        args = list(primals) + [t for t, a in zip(tangents, self.active_inputs) if a]
+        args = [*primals, *tangents] if self._every_input_active else \
+            [*primals, *[t for t, a in zip(tangents, self.active_inputs) if a]]
         forward = self._forward
         if forward is None:
             if isinstance(self.gm, fx.GraphModule):
@@ -115,7 +117,7 @@ class JVPGraph:
             res = forward(*args)
         n_outputs = len(self.active_outputs)
         if self._every_output_active:
-            return list(res[:n_outputs]), list(res[n_outputs:]), {}
+            return res[:n_outputs], res[n_outputs:], {}
         outs = list(res[:n_outputs])
         it = iter(res[n_outputs:])
         touts = [next(it) if a else None for a in self.active_outputs]
