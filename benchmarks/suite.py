@@ -312,7 +312,7 @@ def markdown(meta, rows, systems):
     if odd:
         lines += ["", "Paths other than the column's (torch_fwd.explain() after the first call):", ""]
         lines += [f"- {c}, {s}: {p[:300]}" for c, s, p in odd]
-    lines += ["", ("" if "torch.compile(torch.func.jvp)" in systems else "Compiled columns: not run (--no-compile). ")
+    lines += ["", ("" if compiled else "Compiled columns: not run (--no-compile). ")
               + "JAX: " + ("measured separately" if meta.get("jax") else "not installed here, column omitted") + "."]
     return "\n".join(lines) + "\n"
 
