@@ -427,24 +427,35 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     else:
         keep, Pd = None, P
     out = Pd @ v
-    dS = None
-    if tq is not None:
-        dS = (tq @ k.transpose(-1, -2)) * s
-    if tk is not None:
-        dS = tadd(dS, (q @ tk.transpose(-1, -2)) * s)
+    dS = _product_tangent(q, k.transpose(-1, -2), tq, None if tk is None else tk.transpose(-1, -2))
+    if dS is not None:
+        dS = dS * s
     if tmask is not None:
         dS = tadd(dS, tmask)
-    dO = None
+    dP = None
     if dS is not None:
         if is_causal or (mask is not None and mask.dtype == torch.bool):
             dS = dS.masked_fill(P == 0, 0.0)  # -inf scores: no direction moves them
         dP = P * (dS - (P * dS).sum(-1, keepdim=True))
         if keep is not None:
             dP = dP * keep
-        dO = dP @ v
-    if tv is not None:
-        dO = tadd(dO, Pd @ tv)
-    return out, dO
+    return out, _product_tangent(Pd, v, dP, tv)
+
+
+def _product_tangent(x, y, tx, ty):
+    """dX Y + X dY of ``x @ y`` (None for a zero tangent). For K = 1 the products are taken
+    without the K dimension: they share their operands' contiguous copies with the
+    primal's products (CSE) where the broadcast (K, ...) form copies each operand again
+    (the transformer block's compiled JVP: 4 fewer copies)."""
+    t = tx if tx is not None else ty
+    if t is None:
+        return None
+    if t.shape[0] == 1:
+        out = None if tx is None else tx[0] @ y
+        if ty is not None:
+            out = tadd(out, x @ ty[0])
+        return out.unsqueeze(0)
+    return tadd(None if tx is None else tx @ y, None if ty is None else x @ ty)
 
 
 def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
