@@ -166,9 +166,11 @@ COMPILED = ("torch_fwd compiled", "torch.compile(torch.func.jvp)")
 
 
 def _warm_up_inductor(device):
-    """Compile one trivial function, so that the first case's compile times do not include
-    Inductor's one-off imports and start-up."""
-    torch.compile(lambda x: x.sin() + 1)(torch.randn(4, device=device))
+    """Compile one small function, so that no case's compile times include Inductor's
+    one-off imports and start-up. It has a matmul: the first matmul Inductor lowers in a
+    process hashes Triton's sources for its autotuning cache key (~1.3 s on these CPUs,
+    even on CPU), which would otherwise land on whichever case compiles one first."""
+    torch.compile(lambda x: (x @ x).sin() + 1)(torch.randn(4, 4, device=device))
 
 
 def _per_call(fn, min_time):
