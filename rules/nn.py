@@ -446,7 +446,7 @@ def _product_tangent(x, y, tx, ty):
     """dX Y + X dY of ``x @ y`` (None for a zero tangent). For K = 1 the products are taken
     without the K dimension: they share their operands' contiguous copies with the
     primal's products (CSE) where the broadcast (K, ...) form copies each operand again
-    (the transformer block's compiled JVP: 4 fewer copies)."""
+    (the transformer block's JVP graph: 7 copies instead of 9)."""
     t = tx if tx is not None else ty
     if t is None:
         return None

@@ -201,7 +201,7 @@ class _CompiledGraph:
         # (jvp(compile=...) asks for the JVP graph compiled by Inductor: a property of the
         # call, not of the capture, so the graph path and the compiled path share dynamo's
         # cache entries and neither can be served the other's graph)
-        key = (tuple([t is not None for t in tangents]), ch.chunk, ch.unbatched, registry._generation[0], grad,
+        key = (tuple([t is not None for t in tangents]), ch.chunk, ch.unbatched, registry.generation(), grad,
                ch.inductor_key)
         jg = self.jvp_graphs.get(key)  # (a dict read needs no lock; building one does)
         if jg is None:
@@ -300,7 +300,7 @@ class GuardedCapture:
     def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None, inductor=None, unbatched=False):
         """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
         (output, {id(tensor): tangent}) or raises CaptureFailed. ``interpret``: run each
-        captured ATen graph with it instead of building a JVP graph (see _Channel).
+        captured ATen graph with it instead of building a JVP graph (see _Call).
         ``inductor``: (key, Inductor config patches): the JVP graph compiled by Inductor;
         ``unbatched``: with it, tangents in and out have no leading K (chunk is 1)."""
         # the signature is only computed once something has failed for this function
