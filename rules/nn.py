@@ -14,6 +14,7 @@ from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
 
 from ._cases import case, randn
+from .linalg import product_tangent
 
 aten = torch.ops.aten
 
@@ -427,7 +428,7 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     else:
         keep, Pd = None, P
     out = Pd @ v
-    dS = _product_tangent(q, k.transpose(-1, -2), tq, None if tk is None else tk.transpose(-1, -2))
+    dS = product_tangent(q, k.transpose(-1, -2), tq, None if tk is None else tk.transpose(-1, -2))
     if dS is not None:
         dS = dS * s
     if tmask is not None:
@@ -439,23 +440,7 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
         dP = P * (dS - (P * dS).sum(-1, keepdim=True))
         if keep is not None:
             dP = dP * keep
-    return out, _product_tangent(Pd, v, dP, tv)
-
-
-def _product_tangent(x, y, tx, ty):
-    """dX Y + X dY of ``x @ y`` (None for a zero tangent). For K = 1 the products are taken
-    without the K dimension: they share their operands' contiguous copies with the
-    primal's products (CSE) where the broadcast (K, ...) form copies each operand again
-    (the transformer block's JVP graph: 7 copies instead of 9)."""
-    t = tx if tx is not None else ty
-    if t is None:
-        return None
-    if t.shape[0] == 1:
-        out = None if tx is None else tx[0] @ y
-        if ty is not None:
-            out = tadd(out, x @ ty[0])
-        return out.unsqueeze(0)
-    return tadd(None if tx is None else tx @ y, None if ty is None else x @ ty)
+    return out, product_tangent(Pd, v, dP, tv)
 
 
 def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
