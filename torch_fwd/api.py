@@ -197,21 +197,19 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
     primal_args = primals if spec is _flat_specs.get(len(flat_p)) else pytree.tree_unflatten(flat_p, spec)
 
     out = None
+    with_k = True  # whether the output tangents have their K (a compiled unbatched graph's do not)
     if nested:
         # Inside another jvp (or a make_fx trace) the eager path runs at a new level: the
         # enclosing level differentiates what it does (or make_fx records it). A graph of
         # its own would see the enclosing level's Duals it closes over as constants.
         why = "eager (inside another transform)"
     elif compile_opts is not None:
-        out, why = _compiled(func, compile_opts, primal_args, flat_p, ts, spec, chunk, has_aux, unbatched)
-        if out[1] is _UNBATCHED:
-            _last_path.value = why
-            return (out[0], out[3], out[2]) if has_aux else (out[0], out[3])
+        out, why, with_k = _compiled(func, compile_opts, primal_args, flat_p, ts, spec, chunk, has_aux, unbatched)
     elif path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
             raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk))
-            out = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux)
+            out, _ = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux)
             why = "graph"
         except CaptureFailed as e:
             if path == "graph" and e.nested_jvp:
@@ -232,7 +230,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
         out = _eager(func, flat_p, ts, spec, chunk, has_aux)
     _last_path.value = why  # after the call: a jvp nested inside reported its own path first
     res, tres, aux = out
-    if not chunked:
+    if not chunked and with_k:
         tres = tres.squeeze(0) if isinstance(tres, torch.Tensor) else \
             pytree.tree_map(lambda t: t.squeeze(0) if isinstance(t, torch.Tensor) else t, tres)
     return (res, tres, aux) if has_aux else (res, tres)
@@ -286,9 +284,6 @@ def _compiled_for(func, opts):
     return _cached(("dual", func, repr(sorted(opts.items()))), make)
 
 
-_UNBATCHED = object()  # _compiled's mark for an output tangent already without its K
-
-
 def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux, unbatched=False):
     """jvp(compile=...). First as the graph path does: dynamo captures func whole on the
     primals (tangents beside them, capture.py), and the JVP graph is compiled by Inductor:
@@ -298,29 +293,21 @@ def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux, unbatch
     carrying tangents eagerly.
 
     ``unbatched``: ``ts`` are one direction's tangents without the leading K = 1, and so are
-    the tangents the captured graphs give; an output tangent comes back as
-    ``(output, _UNBATCHED, aux, tangent)``, anything else as (output, tangents with K,
-    aux)."""
+    the tangents the captured graphs give. Returns ((output, tangents, aux), how the path
+    is explained, whether the tangents have their K)."""
     if opts.get("dynamic") is None:
         cap = _capture_for(_unwrap_compiled(func))
         try:
             raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
                                    inductor=jvp_patches(opts.get("mode"), opts.get("options")),
                                    unbatched=unbatched)
-            if unbatched:
-                res, aux = _split_aux(raw, has_aux)
-                t = results.get(id(res)) if type(res) is torch.Tensor else None
-                if t is not None and t.shape == res.shape:
-                    return (res, _UNBATCHED, aux, t), "compiled (1 region)"
-                # (pytree outputs, outputs dynamo makes outside the graph: as with K)
-                results = {k: v.unsqueeze(0) for k, v in results.items()}
-            return _graph_outputs(raw, results, flat_p, _batched(ts, unbatched), chunk, has_aux), \
-                "compiled (1 region)"
+            out, with_k = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux, unbatched)
+            return out, "compiled (1 region)", with_k
         except CaptureFailed as e:
             if e.nested_jvp:
                 return _eager(func, flat_p, _batched(ts, unbatched), spec, chunk, has_aux), \
-                    "eager (the function calls jvp, which dynamo cannot capture)"
-    return _compiled_duals(func, opts, flat_p, _batched(ts, unbatched), spec, chunk, has_aux)
+                    "eager (the function calls jvp, which dynamo cannot capture)", True
+    return (*_compiled_duals(func, opts, flat_p, _batched(ts, unbatched), spec, chunk, has_aux), True)
 
 
 def _batched(ts, unbatched):
@@ -456,16 +443,22 @@ def _graph_output_tangent(o, results, flat_p, ts):
     return None
 
 
-def _graph_outputs(raw, results, flat_p, ts, chunk, has_aux):
-    """(output, its tangents, aux) of a captured function's run, from the tangents its
-    graphs left in ``results``."""
-    if not has_aux and type(raw) is torch.Tensor:
-        # (the common case, without _collect's closure and pytree)
-        t = results.get(id(raw))
-        if t is not None and t.shape[0] == chunk and t.shape[1:] == raw.shape:
-            return raw, t, None
+def _graph_outputs(raw, results, flat_p, ts, chunk, has_aux, unbatched=False):
+    """((output, its tangents, aux), whether the tangents have their K) of a captured
+    function's run, from the tangents its graphs left in ``results``; ``unbatched``: those
+    and ``ts`` are one direction's, without K."""
     res, aux = _split_aux(raw, has_aux)
-    return res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk), aux
+    if type(res) is torch.Tensor:
+        # (the common case, without _collect's closure and pytree)
+        t = results.get(id(res))
+        if t is not None and (t.shape == res.shape if unbatched else
+                              t.shape[0] == chunk and t.shape[1:] == res.shape):
+            return (res, t, aux), not unbatched
+    if unbatched:
+        # (pytree outputs, outputs dynamo makes outside the graph: as with K)
+        results = {k: v.unsqueeze(0) for k, v in results.items()}
+        ts = _batched(ts, True)
+    return (res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk), aux), True
 
 
 def _split_aux(raw, has_aux):
