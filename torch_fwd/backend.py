@@ -163,10 +163,8 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
         from torch._inductor.decomposition import select_decomp_table
         with triton_kernels.for_inductor():
             jg = build_jvp_graph(aten_gm, args, active, chunk, decompositions=select_decomp_table())
-        if unbatched:
-            jg = unbatched_tangents(jg)
         try:
-            return _compile(jg, args, tangents, patches, direct=True)
+            return _compile(jg, args, tangents, patches, direct=True, unbatched=unbatched)
         except Exception as e:  # noqa: BLE001 - compile_fx below reports what is real
             # (once per distinct failure: on a torch whose compile_fx_forward differs from the
             # one this was written against, 2.11's say, every graph fails the same way)
@@ -177,9 +175,7 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
                     "compile_fx", why)
     with triton_kernels.for_inductor():
         jg = build_jvp_graph(aten_gm, args, active, chunk)
-    if unbatched:
-        jg = unbatched_tangents(jg)
-    return _compile(jg, args, tangents, patches, direct=False)
+    return _compile(jg, args, tangents, patches, direct=False, unbatched=unbatched)
 
 
 def unbatched_tangents(jg):
@@ -249,15 +245,18 @@ def inductor_directly(gm, examples, patches):
     return run
 
 
-def _compile(jg, args, tangents, patches, direct):
+def _compile(jg, args, tangents, patches, direct, unbatched):
     """``aten.view`` nodes whose result is not written to become ``aten.reshape`` first:
     make_fx recorded them for the strides eager kernels gave their inputs, and Inductor's
     decompositions may lay an intermediate out differently (a view of an expanded,
     transposed attention tensor then fails to trace); reshape is the same view wherever
-    one exists."""
+    one exists. ``unbatched``: the graph is first given one direction's tangents without
+    their K (``unbatched_tangents``)."""
     import dataclasses
     import torch._inductor.compile_fx as cfx
     aten = torch.ops.aten
+    if unbatched:
+        jg = unbatched_tangents(jg)
     gm = jg.gm
     for n in gm.graph.nodes:
         if n.op == "call_function" and n.target is aten.view.default and not any(
