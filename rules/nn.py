@@ -20,13 +20,21 @@ aten = torch.ops.aten
 
 
 # ---- softmax ------------------------------------------------------------------------------
+def softmax_tangent(y, ty, dim):
+    """y (ty - sum(y ty)) along ``dim`` of y (ty has a leading K and may broadcast against
+    y): the softmax's backward formula, which is its JVP too, so ATen's one fused
+    ``_softmax_backward_data`` computes it (four passes over the tangent as separate ops;
+    Inductor decomposes it back into the four and fuses them)."""
+    shape = torch.broadcast_shapes(ty.shape, (ty.shape[0],) + tuple(y.shape))
+    return aten._softmax_backward_data.default(ty.expand(shape), y.expand(shape), shift_dim(dim, y.dim()), y.dtype)
+
+
 def _softmax(p, t):
     x, dim, half_to_float = p
     y = aten._softmax.default(x, dim, half_to_float)
     if t[0] is None:
         return y, None
-    tx = t[0].to(y.dtype)
-    return y, y * (tx - (y * tx).sum(shift_dim(dim, x.dim()), keepdim=True))
+    return y, softmax_tangent(y, t[0].to(y.dtype), dim)
 
 
 def _log_softmax(p, t):
@@ -404,8 +412,9 @@ def _expand_kv(x, hq):
     return x.repeat_interleave(hq // x.shape[-3], dim=-3)
 
 
-def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=0.0):
-    """Math attention and its tangent, on any backend. Returns (out, tangent_out).
+def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=0.0, with_out=True):
+    """Math attention and its tangent, on any backend. Returns (out, tangent_out); out is
+    None unless ``with_out`` (the rules take the primal from the fused op).
 
     dS = s (dQ K^T + Q dK^T) + dM;  dP = P (dS - rowsum(P dS));  dO = dP V + P dV.
     Materialises the L x S scores per direction: the Triton flash kernel avoids that on CUDA.
@@ -414,30 +423,36 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     if hq is not None:
         k, v, tk, tv = _expand_kv(k, hq), _expand_kv(v, hq), _expand_kv(tk, hq), _expand_kv(tv, hq)
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    scores = (q @ k.transpose(-1, -2)) * s
+    # the scale on q (L x D) rather than on the scores and their tangent (L x S each)
+    qs, tqs, kT = q * s, None if tq is None else tq * s, k.transpose(-1, -2)
+    scores = qs @ kT
     L, S = q.shape[-2], k.shape[-2]
+    blocked = None  # the positions a causal or boolean mask sets to -inf
     if is_causal:
-        causal = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+        blocked = torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1)
+    if mask is not None and mask.dtype == torch.bool:
+        blocked = ~mask if blocked is None else blocked | ~mask
+    if blocked is not None:
+        scores = scores.masked_fill(blocked, float("-inf"))
+    if mask is not None and mask.dtype != torch.bool:
+        scores = scores + mask
     P = torch.softmax(scores, dim=-1)
     if dropout_p > 0:
         keep = torch.bernoulli(torch.full_like(P, 1 - dropout_p)) / (1 - dropout_p)
         Pd = P * keep
     else:
         keep, Pd = None, P
-    out = Pd @ v
-    dS = product_tangent(q, k.transpose(-1, -2), tq, None if tk is None else tk.transpose(-1, -2))
-    if dS is not None:
-        dS = dS * s
+    out = Pd @ v if with_out else None
+    dS = product_tangent(qs, kT, tqs, None if tk is None else tk.transpose(-1, -2))
     if tmask is not None:
         dS = tadd(dS, tmask)
     dP = None
     if dS is not None:
-        if is_causal or (mask is not None and mask.dtype == torch.bool):
-            dS = dS.masked_fill(P == 0, 0.0)  # -inf scores: no direction moves them
-        dP = P * (dS - (P * dS).sum(-1, keepdim=True))
+        if blocked is not None:
+            # no direction moves a -inf score: a non-finite key or query tangent there (a
+            # padding position) must not reach the row's sum as inf * 0
+            dS = dS.masked_fill(blocked, 0.0)
+        dP = softmax_tangent(P, dS, -1)
         if keep is not None:
             dP = dP * keep
     return out, product_tangent(Pd, v, dP, tv)
@@ -459,7 +474,7 @@ def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
             primal[0] = out
             return tuple(primal), (tout,) + (None,) * (n_out - 1)
         primal = call_op(op, p)
-        _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal)
+        _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, with_out=False)
         return primal, (tout,) + (None,) * (n_out - 1)
 
     def flash_kernel(p, t):

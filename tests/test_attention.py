@@ -42,3 +42,4 @@ def test_dropout_inside_attention_uses_one_mask():
     out, t = torch_fwd.jvp(lambda v: F.scaled_dot_product_attention(q, k, v, dropout_p=0.5), (v,), (v,), path="eager")
     # linear in v: the tangent along v equals the output itself when primal and tangent share the mask
     torch.testing.assert_close(t, out)
+
