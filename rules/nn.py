@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from torch_fwd.combinators import decompose_with, linear, shift_dim, with_kernel
+from torch_fwd.combinators import decompose_with, linear, opaque_under_inductor, shift_dim, with_kernel
 from torch_fwd.engine import above_dispatch, for_autograd
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
@@ -458,35 +458,21 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     return out, product_tangent(Pd, v, dP, tv)
 
 
-def _opaque_for_inductor(q, tq, tk, tv):
-    """Whether the attention tangent goes to Inductor as one opaque call (on the CPU; CUDA
-    has the flash kernel). Inductor writes the math as six C++ kernels (contiguous copies
-    of q, k^T and their tangents, the softmax and its tangent), each a g++ compile of
-    ~0.5-1 s on these CPUs: the transformer block's JVP compiled in 7.4 s against its
-    primal's 3.1 s, and in 3.0 s with the call; its compiled JVP ran at 2.16x the compiled
-    primal against 2.23x (medians of 7 interleaved rounds, one process), the same ATen
-    bmm and softmax work either way. Not under autograd: the op has no backward."""
-    from torch_fwd import triton_kernels
-    return (triton_kernels.under_inductor() and q.device.type == "cpu" and not for_autograd()
-            and any(t is not None for t in (tq, tk, tv)))
-
-
-def _attention_tangent_impl(q, k, v, mask, tq, tk, tv, scale, is_causal):
-    return attention_jvp(q, k, v, mask, tq, tk, tv, None, scale, is_causal, with_out=False)[1].contiguous()
-
-
 def _attention_tangent_fake(q, k, v, mask, tq, tk, tv, scale, is_causal):
     kdirs = next(t for t in (tq, tk, tv) if t is not None).shape[0]
     return q.new_empty((kdirs,) + tuple(q.shape[:-1]) + (v.shape[-1],))
 
 
-# Kept alive for the process: dropping a Library object removes its registrations.
-_LIB = torch.library.Library("torch_fwd", "FRAGMENT")
-_LIB.define("attention_tangent(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? tq, Tensor? tk, Tensor? tv, "
-            "float? scale, bool is_causal) -> Tensor")
-_LIB.impl("attention_tangent", _attention_tangent_impl, "CPU")
-torch.library.register_fake("torch_fwd::attention_tangent", _attention_tangent_fake, lib=_LIB)
-attention_tangent = torch.ops.torch_fwd.attention_tangent.default
+@opaque_under_inductor("attention_tangent", "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? tq, Tensor? tk, "
+                       "Tensor? tv, float? scale, bool is_causal) -> Tensor", _attention_tangent_fake)
+def attention_tangent(q, k, v, mask, tq, tk, tv, scale, is_causal):
+    """The tangent of attention without dropout or a mask tangent, some of tq, tk, tv
+    given. One opaque op under Inductor on the CPU (CUDA has the flash kernel): Inductor
+    wrote it as six C++ kernels (contiguous copies of q, k^T and their tangents, the
+    softmax and its tangent), and the transformer block's JVP compiled in 7.4 s against
+    its primal's 3.1 s; 3.0 s with the op, its compiled JVP at 2.16x the compiled primal
+    against 2.23x before (medians of 7 interleaved rounds, one process)."""
+    return attention_jvp(q, k, v, mask, tq, tk, tv, None, scale, is_causal, with_out=False)[1]
 
 
 def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
@@ -505,7 +491,7 @@ def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
             primal[0] = out
             return tuple(primal), (tout,) + (None,) * (n_out - 1)
         primal = call_op(op, p)
-        if tmask is None and _opaque_for_inductor(q, tq, tk, tv):
+        if tmask is None and any(x is not None for x in (tq, tk, tv)):
             tout = attention_tangent(q, k, v, mask, tq, tk, tv, scale, is_causal)
         else:
             _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, with_out=False)
