@@ -17,9 +17,11 @@ def model(x):
 
 
 def _inputs(i):
-    torch.manual_seed(i)
+    # (a generator of its own: threads seeding the global one race, and a thread could
+    # then draw other inputs than the main thread's references)
+    g = torch.Generator().manual_seed(i)
     n, k = 2 + i % 3, 1 + i % 4
-    return torch.randn(n, 6, dtype=D), torch.randn(k, n, 6, dtype=D)
+    return torch.randn(n, 6, dtype=D, generator=g), torch.randn(k, n, 6, dtype=D, generator=g)
 
 
 def _references(i):
