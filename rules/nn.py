@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from torch_fwd.combinators import decompose_with, linear, opaque_under_inductor, shift_dim, with_kernel
+from torch_fwd.combinators import decompose_with, linear, shift_dim, with_kernel
 from torch_fwd.engine import above_dispatch, for_autograd
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
@@ -458,23 +458,6 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     return out, product_tangent(Pd, v, dP, tv)
 
 
-def _attention_tangent_fake(q, k, v, mask, tq, tk, tv, scale, is_causal):
-    kdirs = next(t for t in (tq, tk, tv) if t is not None).shape[0]
-    return q.new_empty((kdirs,) + tuple(q.shape[:-1]) + (v.shape[-1],))
-
-
-@opaque_under_inductor("attention_tangent", "(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? tq, Tensor? tk, "
-                       "Tensor? tv, float? scale, bool is_causal) -> Tensor", _attention_tangent_fake)
-def attention_tangent(q, k, v, mask, tq, tk, tv, scale, is_causal):
-    """The tangent of attention without dropout or a mask tangent, some of tq, tk, tv
-    given. One opaque op under Inductor on the CPU (CUDA has the flash kernel): Inductor
-    wrote it as six C++ kernels (contiguous copies of q, k^T and their tangents, the
-    softmax and its tangent), and the transformer block's JVP compiled in 7.4 s against
-    its primal's 3.1 s; 3.0 s with the op, its compiled JVP at 2.16x the compiled primal
-    against 2.23x before (medians of 7 interleaved rounds, one process)."""
-    return attention_jvp(q, k, v, mask, tq, tk, tv, None, scale, is_causal, with_out=False)[1]
-
-
 def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
     def args(p, t):
         mask = p[mask_pos] if mask_pos is not None else None
@@ -491,10 +474,7 @@ def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
             primal[0] = out
             return tuple(primal), (tout,) + (None,) * (n_out - 1)
         primal = call_op(op, p)
-        if tmask is None and any(x is not None for x in (tq, tk, tv)):
-            tout = attention_tangent(q, k, v, mask, tq, tk, tv, scale, is_causal)
-        else:
-            _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, with_out=False)
+        _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, with_out=False)
         return primal, (tout,) + (None,) * (n_out - 1)
 
     def flash_kernel(p, t):

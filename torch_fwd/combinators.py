@@ -15,7 +15,7 @@ from .registry import call_op
 from .tangent import align, tadd
 
 __all__ = ["unary", "elementwise", "zero", "linear", "linear_vmap", "decompose_with", "with_kernel", "shift_dim",
-           "shift_dims", "opaque_under_inductor"]
+           "shift_dims"]
 
 
 def unary(op, deriv):
@@ -163,41 +163,3 @@ def with_kernel(rule, try_kernel, under_inductor=False):
         return rule(p, t) if res is None else res
     wrapped.__name__ = f"{getattr(rule, '__name__', 'rule')}_with_kernel"
     return wrapped
-
-
-# Kept alive for the process: dropping a Library object removes its registrations.
-_OPAQUE_LIB = torch.library.Library("torch_fwd", "FRAGMENT")
-
-
-def opaque_under_inductor(name, schema, fake):
-    """Decorator for a rule's tangent function ``fn(*args) -> Tensor``: in a graph traced
-    for Inductor (``triton_kernels.for_inductor``) on CPU tensors, the call is recorded as
-    one opaque op ``torch_fwd::name`` (``schema`` as in ``"(Tensor a, Tensor? b) -> Tensor"``,
-    arguments positional) whose implementation is ``fn`` itself, run by ATen op by op;
-    anywhere else ``fn`` is called (and traced) as it is.
-
-    For tangents made of calls Inductor does not fuse (matmuls, solves) joined by a little
-    elementwise glue: Inductor writes each piece of glue between two such calls as its own
-    C++ kernel, a g++ compile of ~0.5-1 s on these CPUs. The glue then runs unfused, op by
-    op, so this pays only where it is small beside the calls (attention's bmm and softmax);
-    gp_lml's Cholesky and cholesky_solve tangents made opaque compiled in half the time
-    but ran ~10% slower (noisy A/B runs), so they are not. Not where autograd
-    differentiates the graph: the op has no backward.
-    ``fake(*args)`` gives the output's shape and dtype (contiguous, as ``fn``'s output is
-    made)."""
-    def wrap(fn):
-        _OPAQUE_LIB.define(name + schema)
-        _OPAQUE_LIB.impl(name, lambda *args: fn(*args).contiguous(), "CPU")
-        torch.library.register_fake(f"torch_fwd::{name}", fake, lib=_OPAQUE_LIB)
-        op = getattr(torch.ops.torch_fwd, name).default
-
-        def tangent(*args):
-            if triton_kernels.under_inductor() and not for_autograd() and all(
-                    a.device.type == "cpu" for a in args if isinstance(a, torch.Tensor)):
-                return op(*args)
-            return fn(*args)
-        tangent.op = op
-        tangent.__name__ = tangent.__qualname__ = fn.__name__
-        tangent.__doc__ = fn.__doc__
-        return tangent
-    return wrap
