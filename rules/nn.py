@@ -34,6 +34,8 @@ def _softmax(p, t):
     y = aten._softmax.default(x, dim, half_to_float)
     if t[0] is None:
         return y, None
+    if x.dim() == 0:  # the softmax of a scalar is 1 whatever the scalar
+        return y, torch.zeros_like(t[0], dtype=y.dtype)
     return y, softmax_tangent(y, t[0].to(y.dtype), dim)
 
 
@@ -42,6 +44,8 @@ def _log_softmax(p, t):
     y = aten._log_softmax.default(x, dim, half_to_float)
     if t[0] is None:
         return y, None
+    if x.dim() == 0:  # 0 whatever the scalar
+        return y, torch.zeros_like(t[0], dtype=y.dtype)
     tx = t[0].to(y.dtype)
     return y, tx - (torch.exp(y) * tx).sum(shift_dim(dim, x.dim()), keepdim=True)
 
@@ -449,8 +453,9 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     dP = None
     if dS is not None:
         if blocked is not None:
-            # no direction moves a -inf score: a non-finite key or query tangent there (a
-            # padding position) must not reach the row's sum as inf * 0
+            # no direction moves a blocked score: a non-finite key or query tangent there
+            # must not reach the row's sum as inf * 0 (a float mask's -inf entries are
+            # not looked for: that would be a pass over every masked call's scores)
             dS = dS.masked_fill(blocked, 0.0)
         dP = softmax_tangent(P, dS, -1)
         if keep is not None:
@@ -598,6 +603,8 @@ def _chunked_lce_options():
 TEST_CASES = [
     case("softmax", lambda x: torch.softmax(x, -1), lambda: (randn(3, 4),)),
     case("log_softmax", lambda x: torch.log_softmax(x, 0), lambda: (randn(3, 4),)),
+    case("softmax_of_a_scalar", lambda x: torch.softmax(x, 0) * x, lambda: (randn(),)),
+    case("log_softmax_of_a_scalar", lambda x: torch.log_softmax(x, -1) + x, lambda: (randn(),)),
     case("layer_norm", lambda x, w, b: F.layer_norm(x, (4,), w, b), lambda: (randn(3, 4), randn(4), randn(4))),
     case("layer_norm_2d_noaffine", lambda x: F.layer_norm(x, (3, 4)), lambda: (randn(2, 3, 4),)),
     case("rms_norm", lambda x, w: F.rms_norm(x, (4,), w, eps=1e-6), lambda: (randn(3, 4), randn(4))),

@@ -43,3 +43,13 @@ def test_dropout_inside_attention_uses_one_mask():
     # linear in v: the tangent along v equals the output itself when primal and tangent share the mask
     torch.testing.assert_close(t, out)
 
+
+def test_a_blocked_key_with_an_infinite_tangent_moves_nothing():
+    # causal: the last key is blocked for every query but the last; its tangent, however
+    # large (a padding position), must not reach the other rows' tangents as inf * 0
+    q, k, v = qkv(S=5)
+    tk = torch.zeros_like(k)
+    tk[..., 4, :] = float("inf")
+    for path in ("eager", "graph"):
+        _, t = torch_fwd.jvp(lambda k: F.scaled_dot_product_attention(q, k, v, is_causal=True), (k,), (tk,), path=path)
+        assert (t[..., :4, :] == 0).all(), path
