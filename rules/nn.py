@@ -429,7 +429,18 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     # the scale on q (L x D) rather than on the scores and their tangent (L x S each)
     qs, tqs, kT = q * s, None if tq is None else tq * s, k.transpose(-1, -2)
-    scores = qs @ kT
+    tkT = None if tk is None else tk.transpose(-1, -2)
+    joined = _joined(qs, kT, tqs, tkT)
+    if joined is not None:
+        # [Q | dQ] and [dK^T ; K^T]: the scores are the product of two halves, their
+        # tangent the product of the wholes (see _joined)
+        qj, kj = joined
+        d = q.shape[-1]
+        scores, dS = qj[..., :d] @ kj[..., d:, :], (qj @ kj).unsqueeze(0)
+    else:
+        scores, dS = qs @ kT, product_tangent(qs, kT, tqs, tkT)
+    # (both products before the softmax: Inductor, which keeps this order for a JVP graph,
+    # can then fuse the softmax's reductions with its tangent's)
     L, S = q.shape[-2], k.shape[-2]
     blocked = None  # the positions a causal or boolean mask sets to -inf
     if is_causal:
@@ -447,7 +458,6 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     else:
         keep, Pd = None, P
     out = Pd @ v if with_out else None
-    dS = product_tangent(qs, kT, tqs, None if tk is None else tk.transpose(-1, -2))
     if tmask is not None:
         dS = tadd(dS, tmask)
     dP = None
@@ -460,7 +470,26 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
         dP = softmax_tangent(P, dS, -1)
         if keep is not None:
             dP = dP * keep
+    joined = _joined(Pd, v, dP, tv)
+    if joined is not None:
+        return out, (joined[0] @ joined[1]).unsqueeze(0)
     return out, product_tangent(Pd, v, dP, tv)
+
+
+def _joined(a, b, ta, tb):
+    """([A | dA], [dB ; B]) for one direction (K = 1) with both tangents: their product is
+    A dB + dA B, the tangent of A @ B, in one batched matmul. Attention's operands are
+    copied into contiguous (batch, L, D) blocks for its bmm anyway (the projections' layout
+    puts the sequence between batch and heads); joined, a primal and its tangent are
+    copied by one kernel under Inductor, and it can fuse the scores' softmax with their
+    tangent's (the transformer block's compiled JVP: 10 kernels to compile -> 7, with
+    backend.JVP_INDUCTOR_SETTINGS). None where this does not apply: K > 1 (the tangents
+    carry a dimension the primal does not), an absent tangent (one product already), a
+    tangent of another dtype (the primal's products must not be promoted)."""
+    if ta is None or tb is None or ta.shape[0] != 1 or tb.shape[0] != 1 \
+            or ta.dtype != a.dtype or tb.dtype != b.dtype:
+        return None
+    return torch.cat([a, ta[0]], dim=-1), torch.cat([tb[0], b], dim=-2)
 
 
 def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
