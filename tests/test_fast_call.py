@@ -281,3 +281,57 @@ def test_the_graph_path_runs_bindings():
     kinds = [isinstance(n.target, torch._ops.OpOverload) for n in fast.graph.nodes if n.op == "call_function"]
     assert kinds.count(False) >= len(kinds) // 2, fast.code
     assert isinstance(fast, fx.GraphModule)
+
+
+# ---- one direction without its K (transform.unbatched_tangents, transform.drop_unit_k) ------
+
+def _unit_k_views(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function"
+            and n.target in (aten.unsqueeze.default, aten.select.int, aten.squeeze.dim)]
+
+
+def test_one_direction_runs_without_the_views_of_its_k():
+    from torch.utils import _pytree as pytree
+    from torch_fwd.transform import drop_unit_k, unbatched_tangents
+
+    def f(W1, W2, x):
+        return torch.relu(W2 @ torch.relu(W1 @ x)).sum()
+    primals = (rand(6, 4), rand(3, 6), rand(4, 2))
+    tangents = tuple(rand(*p.shape) for p in primals)
+    jg, _, _ = api.trace_jvp_graph(f, list(primals), pytree.tree_flatten(primals)[1], 1, for_autograd=False)
+    assert _unit_k_views(jg.gm)  # the products' rules select and unsqueeze the K = 1
+    jg = drop_unit_k(unbatched_tangents(jg))
+    assert not _unit_k_views(jg.gm), jg.gm.code
+    outs, touts, _ = jg(list(primals), list(tangents))
+    ref, tref = torch.func.jvp(f, primals, tangents)
+    torch.testing.assert_close(outs[0], ref)
+    torch.testing.assert_close(touts[0], tref)
+    # and through jvp, twice (the second call runs the cached graph)
+    for _ in range(2):
+        torch.testing.assert_close(torch_fwd.jvp(f, primals, tangents)[1], tref)
+
+
+def _graph_of(fn, *args):
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch_fwd.transform import JVPGraph
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    return JVPGraph(gm, (True,) * len(args), (True,), ())
+
+
+@pytest.mark.parametrize("name, fn, shapes, moved", [
+    # a pointwise op whose other operand broadcasts from the right: K moves below it
+    ("mul_then_select", lambda y, w: (y.unsqueeze(0) * w).select(0, 0), [(3, 4), (4,)], True),
+    ("sum_then_squeeze", lambda y: y.unsqueeze(0).sum([1, 2]).squeeze(0), [(3, 4)], True),
+    # a sum over the K dimension itself, an operand as long as the result: nothing moves
+    ("sum_over_k", lambda y: y.unsqueeze(0).sum([0, 1]), [(3, 4)], False),
+    ("operand_with_a_leading_dim", lambda y, z: y.unsqueeze(0) * z, [(3, 4), (2, 3, 4)], False),
+])
+def test_drop_unit_k_moves_only_what_is_exact(name, fn, shapes, moved):
+    from torch_fwd.transform import drop_unit_k
+    args = [rand(*s) for s in shapes]
+    jg = drop_unit_k(_graph_of(fn, *args))
+    assert (not _unit_k_views(jg.gm)) == moved, jg.gm.code
+    out = jg.gm(*args)
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    torch.testing.assert_close(out, fn(*args))
+    assert out.shape == fn(*args).shape

@@ -189,9 +189,10 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
         flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
         nested = _inside_another_transform(flat_p, flat_t)
     # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents).
-    # A compiled JVP graph takes and gives one direction's tangents as they are (the K added
-    # and removed inside it: backend.unbatched_tangents).
-    unbatched = compile_opts is not None and not chunked and not nested
+    # A JVP graph, compiled or not, takes and gives one direction's tangents as they are
+    # (the K added and removed inside it, where it costs nothing or is rewritten away:
+    # transform.unbatched_tangents, transform.drop_unit_k); the eager path keeps its K.
+    unbatched = not chunked and not nested and path != "eager"
     ts = [t.contiguous() for t in flat_t] if unbatched else \
         [(t if chunked else t.unsqueeze(0)).contiguous() for t in flat_t]
     primal_args = primals if spec is _flat_specs.get(len(flat_p)) else pytree.tree_unflatten(flat_p, spec)
@@ -208,10 +209,12 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
     elif path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
-            raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk))
-            out, _ = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux)
+            raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
+                                   unbatched=unbatched)
+            out, with_k = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux, unbatched)
             why = "graph"
         except CaptureFailed as e:
+            ts = _batched(ts, unbatched)
             if path == "graph" and e.nested_jvp:
                 # dynamo cannot capture a nested jvp; make_fx can (the inner jvp runs its
                 # eager path under it and is recorded as ATen ops). Nothing is cached:

@@ -54,7 +54,7 @@ import torch
 from . import registry, triton_kernels
 from .dual import Dual, innermost_level
 from .engine import building_for_autograd
-from .transform import build_jvp_graph
+from .transform import build_jvp_graph, unbatched_tangents
 
 __all__ = ["torch_fwd_backend", "JVP_INDUCTOR_SETTINGS", "compiled_regions", "stats"]
 
@@ -155,7 +155,7 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
     Inductor for these inputs (``tangents``: one per input, None where inactive); the
     caller's guards keep them valid. ``grad``: whether autograd will differentiate it.
     ``unbatched``: one direction, its tangents without the leading K = 1 (see
-    ``unbatched_tangents``).
+    ``transform.unbatched_tangents``).
 
     Where autograd will not (the common case) and no option asks for what only
     ``compile_fx`` arranges (CUDA graphs, the C++ wrapper, freezing), the graph goes to
@@ -186,38 +186,6 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
     with triton_kernels.for_inductor():
         jg = build_jvp_graph(aten_gm, args, active, chunk)
     return _compile(jg, args, tangents, patches, direct=False, unbatched=unbatched)
-
-
-def unbatched_tangents(jg):
-    """``jg`` (traced with K = 1) taking each tangent without its leading K and giving each
-    tangent without it: the K dimension added and removed inside the graph, where Inductor
-    makes both free (an input read in place, an output allocated in its final shape), not
-    around it, where each is a view made on every call -- for a small function most of
-    what a compiled jvp costs beyond torch's own (``simple_mlp``: seven views a call)."""
-    import dataclasses
-    aten = torch.ops.aten
-    gm = jg.gm  # (built for this compile alone: rewritten in place)
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    for ph in placeholders[len(jg.active_inputs):]:
-        with graph.inserting_after(placeholders[-1]):
-            batched = graph.call_function(aten.unsqueeze.default, (ph, 0))
-        ph.replace_all_uses_with(batched, delete_user_cb=lambda u: u is not batched)
-        if "val" in ph.meta:  # (Inductor's passes read each node's fake value)
-            batched.meta["val"] = ph.meta["val"]
-            ph.meta["val"] = ph.meta["val"].squeeze(0)
-    output = next(n for n in graph.nodes if n.op == "output")
-    outs = list(output.args[0])
-    with graph.inserting_before(output):
-        for i in range(len(jg.active_outputs), len(outs)):
-            single = graph.call_function(aten.squeeze.dim, (outs[i], 0))
-            if "val" in outs[i].meta:
-                single.meta["val"] = outs[i].meta["val"].squeeze(0)
-            outs[i] = single
-    output.args = (tuple(outs),)
-    graph.lint()
-    gm.recompile()
-    return dataclasses.replace(jg, gm=gm)
 
 
 _direct_failures_seen: set = set()

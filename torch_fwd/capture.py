@@ -30,7 +30,7 @@ from torch.overrides import TorchFunctionMode
 from . import registry
 from .backend import build_compiled_jvp_graph
 from .engine import building_for_autograd
-from .transform import build_jvp_graph
+from .transform import build_jvp_graph, drop_unit_k, unbatched_tangents
 
 __all__ = ["to_aten", "GuardedCapture", "CaptureFailed"]
 
@@ -143,7 +143,7 @@ class _Call:
         self.tangents = tangents  # id(primal) -> tangent
         self.chunk = chunk
         # one direction, every tangent (in and out) without the leading K = 1: jvp(compile=...)
-        # without chunked (backend.unbatched_tangents)
+        # without chunked (transform.unbatched_tangents)
         self.unbatched = unbatched
         self.results = {}         # id(tensor) -> tangent
         self.ran = 0
@@ -227,10 +227,9 @@ class _CompiledGraph:
                             jg = build_compiled_jvp_graph(self._aten(args), args, tangents, key[0], ch.chunk,
                                                           ch.inductor, grad, ch.unbatched)
                         else:
-                            if ch.unbatched:
-                                raise RuntimeError("torch_fwd internal error: unbatched tangents are for "
-                                                   "compiled JVP graphs")
                             jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
+                            if ch.unbatched:
+                                jg = drop_unit_k(unbatched_tangents(jg))
                             # (a graph autograd will differentiate keeps to Python bindings)
                             jg.trace_when_reused = not grad
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
@@ -305,7 +304,7 @@ class GuardedCapture:
         ``unbatched``: with it, tangents in and out have no leading K (chunk is 1)."""
         # the signature is only computed once something has failed for this function
         # (with or without Inductor: a JVP graph Inductor cannot compile fails only that)
-        ikey = (inductor[0], unbatched) if inductor is not None else None
+        ikey = (inductor[0] if inductor is not None else None, unbatched)
         if self.failed_keys:
             why = self.failed_keys.get((key_fn(), ikey))
             if why is not None:

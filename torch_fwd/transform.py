@@ -213,3 +213,114 @@ def _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_in
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return JVPGraph(gm, active_inputs, record["active_outputs"], tuple(mutated))
+
+
+def unbatched_tangents(jg):
+    """``jg`` (traced with K = 1) taking each tangent without its leading K and giving each
+    tangent without it: the K dimension added and removed inside the graph, where Inductor
+    makes both free (an input read in place, an output allocated in its final shape), not
+    around it, where each is a view made on every call -- for a small function most of
+    what a compiled jvp costs beyond torch's own (``simple_mlp``: seven views a call).
+    The graph path, which runs the graph op by op, then removes the K it can
+    (``drop_unit_k``)."""
+    aten = torch.ops.aten
+    gm = jg.gm  # (built for this compile alone: rewritten in place)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for ph in placeholders[len(jg.active_inputs):]:
+        with graph.inserting_after(placeholders[-1]):
+            batched = graph.call_function(aten.unsqueeze.default, (ph, 0))
+        ph.replace_all_uses_with(batched, delete_user_cb=lambda u: u is not batched)
+        if "val" in ph.meta:  # (Inductor's passes read each node's fake value)
+            batched.meta["val"] = ph.meta["val"]
+            ph.meta["val"] = ph.meta["val"].squeeze(0)
+    output = next(n for n in graph.nodes if n.op == "output")
+    outs = list(output.args[0])
+    with graph.inserting_before(output):
+        for i in range(len(jg.active_outputs), len(outs)):
+            single = graph.call_function(aten.squeeze.dim, (outs[i], 0))
+            if "val" in outs[i].meta:
+                single.meta["val"] = outs[i].meta["val"].squeeze(0)
+            outs[i] = single
+    output.args = (tuple(outs),)
+    graph.lint()
+    gm.recompile()
+    return dataclasses.replace(jg, gm=gm)
+
+
+def _unsqueezed(n):
+    """The tensor y of a node ``unsqueeze(y, 0)``, else None."""
+    if isinstance(n, fx.Node) and n.op == "call_function" and n.target is torch.ops.aten.unsqueeze.default \
+            and n.args[1] == 0:
+        return n.args[0]
+    return None
+
+
+def _rank(n):
+    v = n.meta.get("val") if isinstance(n, fx.Node) else None
+    return v.dim() if isinstance(v, torch.Tensor) else None
+
+
+def drop_unit_k(jg):
+    """An unbatched JVP graph (``unbatched_tangents``) without the K = 1 dimension where
+    rewriting can remove it: ``unsqueeze(y, 0)`` is moved below the pointwise ops and sums
+    that read it, and cancels against the ``select(., 0, 0)`` of a product's rule
+    (linalg.product_tangent) or the ``squeeze`` at an output. The graph path runs a graph
+    op by op, and each of those views is ~1 us of a call (``simple_mlp``: eleven of them
+    around six products). Only what is exact moves: a pointwise op whose other tensors
+    broadcast without reaching dim 0, a sum not over dim 0. The fake values are then
+    propagated again (bindings.py checks its bindings on them)."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    aten = torch.ops.aten
+    gm = jg.gm
+    graph = gm.graph
+    changed = False
+    for n in list(graph.nodes):
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.OpOverload):
+            continue
+        first = n.args[0] if n.args else None
+        y = _unsqueezed(first)
+        if y is not None and ((n.target is aten.select.int and tuple(n.args[1:]) == (0, 0))
+                              or (n.target is aten.squeeze.dim and n.args[1] == 0)):
+            n.replace_all_uses_with(y)
+            changed = True
+            continue
+        out_rank = _rank(n)
+        if out_rank is None or n.target._schema.is_mutable:
+            continue
+        if torch.Tag.pointwise in n.target.tags:
+            tensors = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)]
+            lifted = [a for a in tensors if _unsqueezed(a) is not None and _rank(a) == out_rank]
+            others = [a for a in tensors if a not in lifted]
+            if not lifted or any(_rank(a) is None or _rank(a) >= out_rank for a in others):
+                continue
+
+            def strip(a):
+                return _unsqueezed(a) if isinstance(a, fx.Node) and a in lifted else a
+            args, kwargs = tuple(strip(a) for a in n.args), {k: strip(v) for k, v in n.kwargs.items()}
+        elif n.target is aten.sum.dim_IntList and y is not None and n.args[1]:
+            r = _rank(first)
+            dims = [d % r for d in n.args[1]]
+            if 0 in dims:
+                continue
+            args, kwargs = (y, [d - 1 for d in dims], *n.args[2:]), dict(n.kwargs)
+        else:
+            continue
+        with graph.inserting_before(n):
+            inner = graph.call_function(n.target, args, kwargs)
+            outer = graph.call_function(aten.unsqueeze.default, (inner, 0))
+        # (stand-ins for the ranks read further down; propagated exactly below)
+        inner.meta["val"], outer.meta["val"] = n.meta["val"][0], n.meta["val"]
+        n.replace_all_uses_with(outer)
+        changed = True
+    if not changed:
+        return jg
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+    placeholders = [n.meta["val"] for n in graph.nodes if n.op == "placeholder"]
+    mode = torch._guards.detect_fake_mode(placeholders)
+    with torch._C.DisableTorchFunction():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*placeholders)
+    return jg
+
