@@ -325,10 +325,12 @@ def _graph_of(fn, *args):
     # a sum over the K dimension itself, an operand as long as the result: nothing moves
     ("sum_over_k", lambda y: y.unsqueeze(0).sum([0, 1]), [(3, 4)], False),
     ("operand_with_a_leading_dim", lambda y, z: y.unsqueeze(0) * z, [(3, 4), (2, 3, 4)], False),
+    # a 0-d float32 y, unsqueezed, keeps its dtype against a 0-d float64; left 0-d it would not
+    ("a_scalar_keeps_its_promotion", lambda y, z: y.float().unsqueeze(0) * z, [(), ()], False),
 ])
 def test_drop_unit_k_moves_only_what_is_exact(name, fn, shapes, moved):
     from torch_fwd.transform import drop_unit_k
-    args = [rand(*s) for s in shapes]
+    args = [torch.randn(s, dtype=D) for s in shapes]
     jg = drop_unit_k(_graph_of(fn, *args))
     assert (not _unit_k_views(jg.gm)) == moved, jg.gm.code
     out = jg.gm(*args)

@@ -266,7 +266,7 @@ def drop_unit_k(jg):
     rewriting can remove it: ``unsqueeze(y, 0)`` is moved below the pointwise ops and sums
     that read it, and cancels against the ``select(., 0, 0)`` of a product's rule
     (linalg.product_tangent) or the ``squeeze`` at an output. The graph path runs a graph
-    op by op, and each of those views is ~1 us of a call (``simple_mlp``: eleven of them
+    op by op, and each of those views is ~1 us of a call (``simple_mlp``: ten of them
     around six products). Only what is exact moves: a pointwise op whose other tensors
     broadcast without reaching dim 0, a sum not over dim 0. The fake values are then
     propagated again (bindings.py checks its bindings on them)."""
@@ -290,7 +290,9 @@ def drop_unit_k(jg):
             continue
         if torch.Tag.pointwise in n.target.tags:
             tensors = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node)]
-            lifted = [a for a in tensors if _unsqueezed(a) is not None and _rank(a) == out_rank]
+            # (a 0-d y would take part in type promotion as a scalar, where its unsqueezed
+            # form counts as a tensor: only y of rank 1 or more is lifted)
+            lifted = [a for a in tensors if _unsqueezed(a) is not None and _rank(a) == out_rank > 1]
             others = [a for a in tensors if a not in lifted]
             if not lifted or any(_rank(a) is None or _rank(a) >= out_rank for a in others):
                 continue
