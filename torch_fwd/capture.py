@@ -142,8 +142,8 @@ class _Call:
     def __init__(self, tangents, chunk, interpret, inductor, unbatched=False):
         self.tangents = tangents  # id(primal) -> tangent
         self.chunk = chunk
-        # one direction, every tangent (in and out) without the leading K = 1: jvp(compile=...)
-        # without chunked (transform.unbatched_tangents)
+        # one direction, every tangent (in and out) without the leading K = 1: jvp without
+        # chunked, compiled or not (transform.unbatched_tangents, transform.drop_unit_k)
         self.unbatched = unbatched
         self.results = {}         # id(tensor) -> tangent
         self.ran = 0

@@ -224,7 +224,7 @@ def unbatched_tangents(jg):
     The graph path, which runs the graph op by op, then removes the K it can
     (``drop_unit_k``)."""
     aten = torch.ops.aten
-    gm = jg.gm  # (built for this compile alone: rewritten in place)
+    gm = jg.gm  # (built for this one use, a compile or the graph path's cache: rewritten in place)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     for ph in placeholders[len(jg.active_inputs):]:
