@@ -90,20 +90,22 @@ def _sym_tri(x, upper):
     return x.triu() if upper else x.tril()
 
 
-def _cholesky_tangent(L, tA):
-    # dL = L Phi(L^-1 dA L^-T), Phi: lower triangle with the diagonal halved.
-    X = torch.linalg.solve_triangular(L, tA, upper=False)
-    X = torch.linalg.solve_triangular(L.mT, X, upper=True, left=False)
-    phi = X.tril(-1) + 0.5 * torch.diag_embed(X.diagonal(dim1=-2, dim2=-1))
-    return L @ phi
-
-
-def _read_symmetric(tA, upper):
-    """The op reads one triangle of A and takes A symmetric: the tangent it sees is that
-    triangle mirrored (what finite differences measure along a non-symmetric direction)."""
-    if upper:
-        return tA.triu() + tA.triu(1).mT
-    return tA.tril() + tA.tril(-1).mT
+def _cholesky_tangent(L, tA, upper):
+    """dL = L Phi(L^-1 S L^-T), Phi: lower triangle with the diagonal halved, S the
+    triangle of tA the op reads, mirrored (what finite differences measure along a
+    non-symmetric direction). S is never formed: with S = T + T^T, T that triangle with
+    its diagonal halved, L^-1 S L^-T = Y + Y^T for Y = L^-1 T L^-T, and
+    Phi(Y + Y^T) = tril(Y) + triu(Y, 1)^T. A mirror of tA would be a transposed read of a
+    tangent computed just before it, which Inductor writes out in a kernel of its own
+    (gp_lml's compiled JVP: 5 C++ kernels instead of 4); Y comes out of a solve, written
+    out anyway, and its transposed read joins Phi's kernel."""
+    # (the diagonal halved by a product with a constant: a read of tA's diagonal would
+    # be a read at another index, and Inductor would write tA out first to serve it)
+    halve_diagonal = 1 - 0.5 * torch.eye(tA.shape[-1], dtype=tA.dtype, device=tA.device)
+    T = (tA.triu() * halve_diagonal).mT if upper else tA.tril() * halve_diagonal
+    Y = torch.linalg.solve_triangular(L, T, upper=False)
+    Y = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
+    return L @ (Y.tril() + Y.triu(1).mT)
 
 
 def _cholesky_ex(p, t):
@@ -112,7 +114,7 @@ def _cholesky_ex(p, t):
     if t[0] is None:
         return (L, info), None
     low = L.mT if upper else L
-    tl = _cholesky_tangent(low, _read_symmetric(t[0], upper))
+    tl = _cholesky_tangent(low, t[0], upper)
     return (L, info), (tl.mT if upper else tl, None)
 
 
@@ -122,7 +124,7 @@ def _cholesky(p, t):
     if t[0] is None:
         return L, None
     low = L.mT if upper else L
-    tl = _cholesky_tangent(low, _read_symmetric(t[0], upper))
+    tl = _cholesky_tangent(low, t[0], upper)
     return L, tl.mT if upper else tl
 
 
