@@ -10,7 +10,9 @@ wrapper subclasses bound what Python dispatch alone costs:
 - ``passthrough``: a wrapper subclass whose ``__torch_dispatch__`` unwraps, runs the op on
   the primal and wraps the result: no tangent at all;
 - ``minimal dual``: the same with a tangent, and hand-written rules for exactly the two
-  ops the loop runs (no rule table, no levels, no views, no checks).
+  ops the loop runs (no rule table, no levels, no views, no checks);
+- ``minimal dual, __torch_function__``: those two rules run from ``__torch_function__``,
+  before the C++ dispatcher is entered: the least a Python forward mode can cost per op.
 
 torch.func.jvp and forward_ad differentiate in C++ (functorch's and autograd's forward-AD
 kernels); every row below them pays Python per op. The tangents of the minimal dual are
@@ -79,6 +81,37 @@ class MinimalDual(torch.Tensor):
         raise NotImplementedError(f"MinimalDual has no rule for {func}")
 
 
+class FunctionLevelDual(torch.Tensor):
+    """The minimal dual one level up: ``__torch_function__`` runs the loop's two ops on
+    primal and tangent itself, so no op reaches the C++ dispatcher with a Dual (what a
+    ``__torch_function__`` front to the eager path could save at most)."""
+
+    @staticmethod
+    def __new__(cls, p, t):
+        r = _wrapper(cls, p)
+        r.p, r.t = p, t
+        return r
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and type(args[1]) is int:
+            x, i = args
+            return FunctionLevelDual(x.p[i], x.t[i])
+        if func in (torch.Tensor.__add__, torch.Tensor.add) and not kwargs:
+            a, b = args
+            ap, at = (a.p, a.t) if isinstance(a, FunctionLevelDual) else (a, None)
+            bp, bt = (b.p, b.t) if isinstance(b, FunctionLevelDual) else (b, None)
+            t = bt if at is None else at if bt is None else at + bt
+            return FunctionLevelDual(ap + bp, t)
+        # (the loop's reads of x.shape and x.dtype)
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **(kwargs or {}))
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"FunctionLevelDual has no rule for {func}")
+
+
 def _forward_ad(f, x, v):
     from torch.autograd import forward_ad as fwAD
     with fwAD.dual_level():
@@ -91,6 +124,7 @@ def systems(x, v):
     return {
         "passthrough (no tangent)": lambda: _sum_1000(Passthrough(x)).p,
         "minimal dual": lambda: _sum_1000(MinimalDual(x, v)).t,
+        "minimal dual, __torch_function__": lambda: _sum_1000(FunctionLevelDual(x, v)).t,
         "torch_fwd eager": lambda: torch_fwd.jvp(_sum_1000, (x,), (v,), path="eager")[1],
         "torch.func.jvp": lambda: torch.func.jvp(_sum_1000, (x,), (v,))[1],
         "forward_ad": lambda: _forward_ad(_sum_1000, x, v),
@@ -106,7 +140,7 @@ def measure(n=1000, rounds=5, calls=3):
     runs = systems(x, v)
     with torch.no_grad():
         want = torch.func.jvp(_sum_1000, (x,), (v,))[1]
-        for name in ("minimal dual", "torch_fwd eager", "forward_ad"):
+        for name in ("minimal dual", "minimal dual, __torch_function__", "torch_fwd eager", "forward_ad"):
             got = runs[name]()
             if not torch.allclose(got, want):
                 raise AssertionError(f"eager_floor: {name} gives tangent {got.item()}, torch.func {want.item()}")

@@ -48,12 +48,14 @@ def test_eager_floor_runs_and_checks_its_tangents(tmp_path, capsys):
     from benchmarks import eager_floor
     eager_floor.main(["--n", "20", "--rounds", "1", "--out", str(tmp_path)])
     md = open(os.path.join(tmp_path, "eager_floor.md")).read()
-    for name in ("passthrough (no tangent)", "minimal dual", "torch_fwd eager", "torch.func.jvp", "forward_ad"):
+    for name in ("passthrough (no tangent)", "minimal dual", "minimal dual, __torch_function__", "torch_fwd eager",
+                 "torch.func.jvp", "forward_ad"):
         assert f"| {name} |" in md
     # the minimal dual's rules are real: a wrong one is caught before timing
     x, v = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     from benchmarks.cases import _sum_1000
     assert torch.allclose(_sum_1000(eager_floor.MinimalDual(x, v)).t, v.sum())
+    assert torch.allclose(_sum_1000(eager_floor.FunctionLevelDual(x, v)).t, v.sum())
 
 
 def test_gpu_profile_runs_on_cpu_and_reports_every_path(capsys):
