@@ -47,8 +47,11 @@ def elementwise(op, *derivs):
             if ti is None or d is None:
                 continue
             ti, di = align(ti, nd), d(*p, y)
-            if out is not None and isinstance(di, torch.Tensor) and out.dtype == ti.dtype == di.dtype:
-                # the running sum and this product in one op: one pass over the output, not two
+            if out is not None and isinstance(di, torch.Tensor) and out.dtype == ti.dtype == di.dtype \
+                    and not triton_kernels.under_inductor():
+                # the running sum and this product in one op: one pass over the output, not
+                # two (Inductor fuses the sum anyway, and lowers addcmul with a multiply by
+                # its value even where that is 1: one instruction per element more)
                 out = torch.addcmul(out, ti, di)
             else:
                 out = tadd(out, ti * di)
