@@ -571,6 +571,7 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None, path="auto"):
         k = chunk_size
         columns = None
         aux = None
+        zeros = None
         start = 0
         while start < n:
             if k is None:
@@ -578,13 +579,20 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None, path="auto"):
                 kk = 1
             else:
                 kk = min(k, n - start)
-            basis = []
-            for x, off, sz in zip(flat_in, offsets, sizes):
-                v = x.new_zeros((kk, sz))
+            if zeros is None or zeros[0].shape[0] < kk:
+                # one zero block per input, reused by every chunk: its ones are set before a
+                # pass and cleared after it (a fresh (K, n) block per chunk is a memset, and
+                # with large blocks mmapped, page faults, for every chunk)
+                zeros = [x.new_zeros((kk, sz)) for x, sz in zip(flat_in, sizes)]
+            basis, ones = [], []
+            for x, off, sz, z in zip(flat_in, offsets, sizes, zeros):
+                v = z[:kk]
                 lo, hi = max(start, off), min(start + kk, off + sz)
                 if lo < hi:
-                    rows = torch.arange(lo - start, hi - start, device=x.device)
-                    v[rows, torch.arange(lo - off, hi - off, device=x.device)] = 1
+                    at = (torch.arange(lo - start, hi - start, device=x.device),
+                          torch.arange(lo - off, hi - off, device=x.device))
+                    v[at] = 1
+                    ones.append((v, at))
                 basis.append(v.reshape((kk,) + tuple(x.shape)))
             res = jvp(g, tuple(flat_in), tuple(basis), has_aux=has_aux, chunked=True, path=path)
             out, tout = res[0], res[1]
@@ -596,6 +604,9 @@ def jacfwd(func, argnums=0, *, has_aux=False, chunk_size=None, path="auto"):
                 columns = [o.new_empty((o.numel(), n)) for o in flat_out]
             for col, t in zip(columns, flat_tout):
                 col[:, start:start + kk] = t.reshape(kk, -1).T
+            # (only now: a tangent out may be a view of the basis, e.g. for an identity)
+            for v, at in ones:
+                v[at] = 0
             start += kk
             if k is None:
                 itemsize = flat_in[0].element_size()
