@@ -91,21 +91,25 @@ def _sym_tri(x, upper):
 
 
 def _cholesky_tangent(L, tA, upper):
-    """dL = L Phi(L^-1 S L^-T), Phi: lower triangle with the diagonal halved, S the
-    triangle of tA the op reads, mirrored (what finite differences measure along a
-    non-symmetric direction). S is never formed: with S = T + T^T, T that triangle with
-    its diagonal halved, L^-1 S L^-T = Y + Y^T for Y = L^-1 T L^-T, and
+    """The tangent of the factor L the op returned (upper: U = L^T), from tA.
+
+    dL = L Phi(L^-1 S L^-T) for the lower factor, Phi: lower triangle with the diagonal
+    halved, S the triangle of tA the op reads, mirrored (what finite differences measure
+    along a non-symmetric direction). S is never formed: with S = T + T^T, T that triangle
+    with its diagonal halved, L^-1 S L^-T = Y + Y^T for Y = L^-1 T L^-T, and
     Phi(Y + Y^T) = tril(Y) + triu(Y, 1)^T. A mirror of tA would be a transposed read of a
     tangent computed just before it, which Inductor writes out in a kernel of its own
     (gp_lml's compiled JVP: 5 C++ kernels instead of 4); Y comes out of a solve, written
     out anyway, and its transposed read joins Phi's kernel."""
+    low = L.mT if upper else L
     # (the diagonal halved by a product with a constant: a read of tA's diagonal would
     # be a read at another index, and Inductor would write tA out first to serve it)
     halve_diagonal = 1 - 0.5 * torch.eye(tA.shape[-1], dtype=tA.dtype, device=tA.device)
-    T = (tA.triu() * halve_diagonal).mT if upper else tA.tril() * halve_diagonal
-    Y = torch.linalg.solve_triangular(L, T, upper=False)
-    Y = torch.linalg.solve_triangular(L.mT, Y, upper=True, left=False)
-    return L @ (Y.tril() + Y.triu(1).mT)
+    T = _sym_tri(tA, upper) * halve_diagonal
+    Y = torch.linalg.solve_triangular(low, T.mT if upper else T, upper=False)
+    Y = torch.linalg.solve_triangular(low.mT, Y, upper=True, left=False)
+    dL = low @ (Y.tril() + Y.triu(1).mT)
+    return dL.mT if upper else dL
 
 
 def _cholesky_ex(p, t):
@@ -113,19 +117,13 @@ def _cholesky_ex(p, t):
     L, info = call_op(aten.linalg_cholesky_ex.default, p)
     if t[0] is None:
         return (L, info), None
-    low = L.mT if upper else L
-    tl = _cholesky_tangent(low, t[0], upper)
-    return (L, info), (tl.mT if upper else tl, None)
+    return (L, info), (_cholesky_tangent(L, t[0], upper), None)
 
 
 def _cholesky(p, t):
     A, upper = p
     L = aten.cholesky.default(A, upper)
-    if t[0] is None:
-        return L, None
-    low = L.mT if upper else L
-    tl = _cholesky_tangent(low, t[0], upper)
-    return L, tl.mT if upper else tl
+    return L, None if t[0] is None else _cholesky_tangent(L, t[0], upper)
 
 
 reg(aten.linalg_cholesky_ex.default, _cholesky_ex)
