@@ -12,10 +12,13 @@ torch_fwd's first call (the capture) is its own column.
 
 Timing: ``torch.utils.benchmark.Timer`` per cell, a warm-up call first, then ``--rounds``
 rounds in which every system of a case runs in turn (interleaved, so drifting machine load
-hits all alike); the median over rounds, with min and max, is reported. Everything runs
-under ``torch.no_grad()``.
+hits all alike); the median over rounds, with min and max, is reported. Compile times
+(the first call of a compiled column, and of ``torch.compile(f)``) are the median of
+``--compile-rounds`` compiles taken in turn, min and max beside it. Everything runs under
+``torch.no_grad()``.
 
-    python -m benchmarks [--quick] [--cases a,b] [--device cpu|cuda] [--rounds 5] [--out DIR]
+    python -m benchmarks [--quick] [--cases a,b] [--device cpu|cuda] [--rounds 5] [--compile-rounds 3]
+                         [--out DIR]
 """
 from __future__ import annotations
 
@@ -181,15 +184,15 @@ def _per_call(fn, min_time):
     return timer.adaptive_autorange(min_run_time=min_time).median
 
 
-def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr, only=None):
+def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr, only=None, compile_rounds=1):
     """The suite's rows and column names. Inductor's caches are off during the run (every
     compile of the compiled columns is measured) and as they were after it."""
     import torch._inductor.config as inductor_config
     with inductor_config.patch(force_disable_caches=True):
-        return _run(cases, device, rounds, quick, compile_columns, progress, only)
+        return _run(cases, device, rounds, quick, compile_columns, progress, only, compile_rounds)
 
 
-def _run(cases, device, rounds, quick, compile_columns, progress, only):
+def _run(cases, device, rounds, quick, compile_columns, progress, only, compile_rounds=1):
     systems = _systems(quick, compile_columns)
     if only:
         unknown = [n for n in only if n not in systems]
@@ -207,34 +210,53 @@ def _run(cases, device, rounds, quick, compile_columns, progress, only):
         tangents = tuple(torch.randn_like(p) for p in primals)
         row = {"case": case.name, "first_call_s": None, "cells": {}, "first_calls_s": {}}
         calls = {}
+        # Compile times vary from one compile to the next by more than the 2x the compiled
+        # columns are held to (a compile is seconds of Python and g++ on a shared machine):
+        # each compile is repeated ``compile_rounds`` times, the primal's and the compiled
+        # columns' in turn (a fresh dynamo cache before each round; Inductor's caches are
+        # off), and the median is reported. The other columns' first calls are timed once,
+        # in the last round, and the last round's compiled functions are the ones timed.
+        first_calls = {}
         with torch.no_grad():
             primal = lambda: case.fn(*primals)  # noqa: E731
             primal()
-            if compiled_ref:
-                # a fresh dynamo cache per case: the compiled columns' wrappers share code
-                # objects across cases, and past dynamo's recompile limit a column would
-                # silently run uncompiled
-                torch._dynamo.reset()
-                print(f"[{ci + 1}/{len(cases)}] {case.name}: compiling the primal", file=progress, flush=True)
-                cfn = torch.compile(case.fn)
-                t0 = time.perf_counter()
-                cfn(*primals)
-                row["first_calls_s"]["compiled primal"] = time.perf_counter() - t0
-                calls["compiled primal"] = lambda: cfn(*primals)
-            for name, make in systems.items():
-                print(f"[{ci + 1}/{len(cases)}] {case.name}: warm-up {name}", file=progress, flush=True)
-                try:
-                    call = make(case.fn, primals, tangents)
+            n_rounds = compile_rounds if compiled_ref else 1
+            for cr in range(n_rounds):
+                last = cr == n_rounds - 1
+                tag = f" ({cr + 1}/{n_rounds})" if n_rounds > 1 else ""
+                if compiled_ref:
+                    # a fresh dynamo cache per case and round: the compiled columns' wrappers
+                    # share code objects across cases, and past dynamo's recompile limit a
+                    # column would silently run uncompiled
+                    torch._dynamo.reset()
+                    print(f"[{ci + 1}/{len(cases)}] {case.name}: compiling the primal{tag}", file=progress, flush=True)
+                    cfn = torch.compile(case.fn)
                     t0 = time.perf_counter()
-                    call()
-                    row["first_calls_s"][name] = time.perf_counter() - t0
-                    if name.startswith("torch_fwd"):
-                        row.setdefault("paths", {})[name] = torch_fwd.explain()
-                    if name == "torch_fwd":
-                        row["first_call_s"] = time.perf_counter() - t0
-                    calls[name] = call
-                except Exception as e:  # noqa: BLE001
-                    row["cells"][name] = {"error": type(e).__name__, "message": str(e).splitlines()[0][:200]}
+                    cfn(*primals)
+                    first_calls.setdefault("compiled primal", []).append(time.perf_counter() - t0)
+                    calls["compiled primal"] = lambda cfn=cfn: cfn(*primals)
+                for name, make in systems.items():
+                    if (not last and name not in COMPILED) or name in row["cells"]:
+                        continue
+                    print(f"[{ci + 1}/{len(cases)}] {case.name}: warm-up {name}{tag if name in COMPILED else ''}",
+                          file=progress, flush=True)
+                    try:
+                        call = make(case.fn, primals, tangents)
+                        t0 = time.perf_counter()
+                        call()
+                        first_calls.setdefault(name, []).append(time.perf_counter() - t0)
+                        if last:
+                            if name.startswith("torch_fwd"):
+                                row.setdefault("paths", {})[name] = torch_fwd.explain()
+                            calls[name] = call
+                    except Exception as e:  # noqa: BLE001
+                        row["cells"][name] = {"error": type(e).__name__, "message": str(e).splitlines()[0][:200]}
+                        calls.pop(name, None)
+            for name, ts in first_calls.items():
+                row["first_calls_s"][name] = statistics.median(ts)
+                if len(ts) > 1:
+                    row.setdefault("first_calls_range_s", {})[name] = [min(ts), max(ts)]
+            row["first_call_s"] = row["first_calls_s"].get("torch_fwd")
             samples = {name: [] for name in ["primal"] + list(calls)}
             for r in range(rounds):
                 print(f"[{ci + 1}/{len(cases)}] {case.name}: round {r + 1}/{rounds}", file=progress, flush=True)
@@ -291,7 +313,9 @@ def markdown(meta, rows, systems):
     if compiled:
         lines += ["", "## Compiled", "",
                   "Time of one compiled JVP / time of the compiled primal (`torch.compile(f)`, Inductor); "
-                  "compile time is the first call's (Inductor's caches off).", "",
+                  "compile time is the first call's (Inductor's caches off)"
+                  + (f", the median of {meta['compile_rounds']} compiles, the primal's and the compiled columns' "
+                     "in turn (min-max in brackets)" if meta.get("compile_rounds", 1) > 1 else "") + ".", "",
                   "| case | " + " | ".join(compiled) + " | compile: primal | " + " | ".join(f"compile: {s}" for s in compiled)
                   + " | compiled primal |",
                   "|---|" + "---:|" * (2 * len(compiled) + 2)]
@@ -301,8 +325,9 @@ def markdown(meta, rows, systems):
                 c = r["cells"].get(s, {})
                 cells.append(f"error ({c['error']})" if "error" in c else
                              f"{c['ratio_compiled']:.2f}" if "ratio_compiled" in c else "")
-            fc = r.get("first_calls_s", {})
-            comp = [f"{fc[s]:.1f} s" if s in fc else "" for s in ["compiled primal"] + compiled]
+            fc, rng = r.get("first_calls_s", {}), r.get("first_calls_range_s", {})
+            comp = [(f"{fc[s]:.1f} s" + (f" [{rng[s][0]:.1f}-{rng[s][1]:.1f}]" if s in rng else "")) if s in fc else ""
+                    for s in ["compiled primal"] + compiled]
             cp = r["cells"].get("compiled primal", {}).get("median_s")
             lines.append(f"| {r['case']} | " + " | ".join(cells) + " | " + " | ".join(comp)
                          + (f" | {cp * 1e6:.0f} us |" if cp else " | |"))
@@ -354,7 +379,11 @@ def main(argv=None):
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the compiled columns (Inductor compiles each case: minutes on a CPU)")
     ap.add_argument("--systems", default=None, help="comma-separated column names (default: all)")
+    ap.add_argument("--compile-rounds", type=int, default=3,
+                    help="compiles per case for the compiled columns' compile times (median reported; default 3)")
     args = ap.parse_args(argv)
+    if args.compile_rounds < 1:
+        raise SystemExit("--compile-rounds must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     chosen = CASES
@@ -369,9 +398,9 @@ def main(argv=None):
     rounds = args.rounds or (2 if args.quick else 5)
     meta = {"machine": f"{platform.machine()} {os.cpu_count()} cpus", "device": args.device,
             "torch": torch.__version__, "threads": torch.get_num_threads(), "quick": args.quick,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "compile_rounds": args.compile_rounds}
     rows, systems = run(chosen, args.device, rounds, args.quick, not args.no_compile,
-                        only=args.systems.split(",") if args.systems else None)
+                        only=args.systems.split(",") if args.systems else None, compile_rounds=args.compile_rounds)
     md = markdown(meta, rows, systems)
     print(md)
     os.makedirs(args.out, exist_ok=True)
