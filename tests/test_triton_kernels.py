@@ -27,6 +27,8 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 @pytest.fixture(autouse=True)
 def kernels_on_cpu(monkeypatch):
     monkeypatch.setenv("TORCH_FWD_TRITON_ON_CPU", "1")
+    # (the switch is read once: read again now, and as it was after the test)
+    monkeypatch.setattr(triton_kernels, "_cpu_switch", [])
     assert triton_kernels.use_kernels(torch.zeros(1, device=DEVICE))
 
 
@@ -224,6 +226,7 @@ def test_without_the_switch_cpu_tensors_use_the_rules_math(monkeypatch):
     if DEVICE == "cuda":
         pytest.skip("CUDA tensors always use the kernels")
     monkeypatch.delenv("TORCH_FWD_TRITON_ON_CPU")
+    triton_kernels.reread_environment()
     x, w, b, wq = rand(6, 32), rand(32), rand(32), rand(32, 32) / 6
     code = torch_fwd.make_jvp_graph(_block, x, w, b, wq, chunk=2, for_autograd=False).code
     assert "torch_fwd." not in code
