@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from torch_fwd.combinators import decompose_with, linear, shift_dim, with_kernel
 from torch_fwd import triton_kernels
+from torch_fwd.combinators import decompose_with, linear, shift_dim, with_kernel
 from torch_fwd.engine import above_dispatch, for_autograd
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
@@ -303,7 +303,7 @@ reg(aten.native_group_norm.default, _group_norm)
 def _convolution(p, t):
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = p
     tx, tw, tb = t[0], t[1], t[2]
-    joined = _joined_convolution(p, tx) if tw is None and tb is None else None
+    joined = _joined_convolution(p, tx) if tw is None else None
     if joined is not None:
         return joined
     y = aten.convolution.default(*p)
@@ -330,7 +330,8 @@ def _joined_convolution(p, tx):
     a primal and its tangent into the joined input from the kernel that computes both,
     where two convolutions each needed their input laid out by a kernel of its own
     (the CNN's compiled JVP: 9 kernels to compile against the primal's 4). None where this
-    does not apply (a bias, which the tangents must not get; a tangent of another dtype)."""
+    does not apply (a bias, which the tangents must not get; a tangent of another dtype;
+    a weight with a tangent, which the caller keeps to the rule below)."""
     x, w, b = p[:3]
     if b is not None or tx is None or tx.dtype != x.dtype or not triton_kernels.under_inductor():
         return None
