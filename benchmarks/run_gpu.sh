@@ -16,6 +16,8 @@ STEPS=${STEPS:-env,tests,profile,kernels,suite}
 GPU_SECTIONS=${GPU_SECTIONS:-bandwidth,attention,crossover}
 SUITE_CASES=${SUITE_CASES:-sin_cos_exp_1e6_f32,gelu_mlp_4x1024_f32,transformer_block_f32}
 SUITE_ROUNDS=${SUITE_ROUNDS:-2}
+SUITE_COMPILE_ROUNDS=${SUITE_COMPILE_ROUNDS:-1}  # (each compile repeated costs minutes of a short lease)
+SUITE_TIMEOUT=${SUITE_TIMEOUT:-220}
 mkdir -p "$OUT"
 PY=${PY:-python3}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -46,8 +48,8 @@ if step kernels; then
   [ "$rc" = 0 ] && rm -f "$OUT/gpu_bench.txt"
 fi
 if step suite; then
-  timeout 220 $PY -m benchmarks --device cuda --rounds "$SUITE_ROUNDS" --no-jacobian --out "$OUT" \
-    --cases "$SUITE_CASES" > "$OUT/suite_cuda.txt" 2>&1
+  timeout "$SUITE_TIMEOUT" $PY -m benchmarks --device cuda --rounds "$SUITE_ROUNDS" --no-jacobian --out "$OUT" \
+    --cases "$SUITE_CASES" --compile-rounds "$SUITE_COMPILE_ROUNDS" > "$OUT/suite_cuda.txt" 2>&1
   echo "exit $?" >> "$OUT/suite_cuda.txt"
   rm -f "$OUT/suite.png"
   tail -14 "$OUT/suite.md"
