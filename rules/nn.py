@@ -303,7 +303,7 @@ reg(aten.native_group_norm.default, _group_norm)
 def _convolution(p, t):
     x, w, b, stride, padding, dilation, transposed, output_padding, groups = p
     tx, tw, tb = t[0], t[1], t[2]
-    joined = _joined_convolution(p, tx) if tw is None else None
+    joined = _joined_convolution(p, t)
     if joined is not None:
         return joined
     y = aten.convolution.default(*p)
@@ -323,17 +323,17 @@ def _convolution(p, t):
     return y, out
 
 
-def _joined_convolution(p, tx):
+def _joined_convolution(p, t):
     """Under Inductor, without bias: the primal and its input's tangents (K folded into the
     batch) as one convolution of the two joined along the batch, which is exact (the op is
     linear in its input, and each batch element is convolved on its own). Inductor writes
     a primal and its tangent into the joined input from the kernel that computes both,
     where two convolutions each needed their input laid out by a kernel of its own
     (the CNN's compiled JVP: 9 kernels to compile against the primal's 4). None where this
-    does not apply (a bias, which the tangents must not get; a tangent of another dtype;
-    a weight with a tangent, which the caller keeps to the rule below)."""
-    x, w, b = p[:3]
-    if b is not None or tx is None or tx.dtype != x.dtype or not triton_kernels.under_inductor():
+    does not apply (a bias, which the tangents must not get; a weight with a tangent; no
+    input tangent, or one of another dtype)."""
+    x, b, tx, tw = p[0], p[2], t[0], t[1]
+    if b is not None or tw is not None or tx is None or tx.dtype != x.dtype or not triton_kernels.under_inductor():
         return None
     n, k = x.shape[0], tx.shape[0]
     both = aten.convolution.default(torch.cat([x, tx.reshape((k * n,) + tuple(x.shape[1:]))]), *p[1:])

@@ -26,8 +26,8 @@ import threading
 
 import torch
 
-__all__ = ["available", "use_kernels", "kernels_on_cpu", "reread_environment", "disabled", "for_inductor", "under_inductor", "at_any_size",
-           "worth_launching", "MIN_TANGENT_BYTES", "reference", "define"]
+__all__ = ["available", "use_kernels", "kernels_on_cpu", "reread_environment", "disabled", "for_inductor",
+           "under_inductor", "at_any_size", "worth_launching", "MIN_TANGENT_BYTES", "reference", "define"]
 
 _state = threading.local()
 
