@@ -265,6 +265,13 @@ def test_a_buffer_filled_after_a_graph_break_is_a_clear_error():
     torch.testing.assert_close(t, torch.tensor([x[0].cos() * v[0], 0, 0], dtype=D) * f(x))
 
 
+def test_jvp_inductor_settings_are_all_options_of_this_inductor():
+    # (jvp_inductor_settings drops an option an older or newer Inductor lacks; on the
+    # pinned torch, none may be dropped, or a setting documented in backend.py is not applied)
+    from torch_fwd import backend
+    assert backend.jvp_inductor_settings() == backend.JVP_INDUCTOR_SETTINGS
+
+
 def test_long_elementwise_chain_compiles_in_under_a_minute():
     import time
     from benchmarks.cases import large_single_block

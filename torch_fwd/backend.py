@@ -35,6 +35,19 @@ as the primal's; 1024 lets the realised buffers above fuse into fewer loops (on 
 large_single_block's compiled JVP 330 -> 240 us per call, map_sin_cos_exp's 500 -> 330 us,
 gp_lml's 1.9 -> 1.4 ms, compile times unchanged).
 
+To find what to fuse, Inductor groups the nodes by the buffers they read or write and
+tries each node against the next ``max_fusion_buffer_group_pairwise_attempts`` (64) of its
+group, every fusion round. A JVP graph's groups are about three times the primal's (each
+input is read by its primal ops and by the rules of each), so a long graph spends
+quadratically more on those tries: map_sin_cos_exp, whose 300 realised buffers all read
+the one input, made 26,000 fusion checks against the primal's 8,600, 2-3 s of its
+compile. 16 keeps the tries within a rule's neighbourhood, where a JVP graph's fusions
+are (the rules place a tangent beside its primal): the fusion step went from 2.0-2.8 to
+0.8-0.9 s there (A/B in one process), and the eleven suite cases compared (the four
+models, gp_lml, kron_view_sum, both maps, _sum_1000, _sum_sin_1000, large_single_block)
+compile to as many kernels as at 64; the other six are graphs whose groups are shorter
+than 16.
+
 Inductor's ``reorder_for_locality`` pass moves each pointwise or reduction node up to its
 inputs' producers. In a JVP graph the rules place a tangent's extern calls (matmuls,
 solves) beside the primal's, so the pass splits what the rules put together: the softmax
@@ -67,6 +80,7 @@ JVP_INDUCTOR_SETTINGS = {
     "realize_cpu_opcount_threshold": 16,
     "realize_reads_threshold": 2,
     "max_fusion_size": 1024,
+    "max_fusion_buffer_group_pairwise_attempts": 16,
     "reorder_for_locality": False,
 }
 
