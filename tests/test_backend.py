@@ -265,6 +265,58 @@ def test_a_buffer_filled_after_a_graph_break_is_a_clear_error():
     torch.testing.assert_close(t, torch.tensor([x[0].cos() * v[0], 0, 0], dtype=D) * f(x))
 
 
+def test_full_collections_wait_while_a_jvp_graph_is_built_and_compiled(monkeypatch):
+    """Both ways to a compiled JVP graph (jvp(compile=True)'s capture, and the backend
+    called on Duals) build and compile it with CPython's generation-2 threshold raised,
+    and give the threshold back after, also where the compile fails."""
+    import gc
+    from torch_fwd import backend
+    seen = []
+    real = backend.inductor_directly
+
+    def spy(gm, examples, patches):
+        seen.append(gc.get_threshold())
+        return real(gm, examples, patches)
+    monkeypatch.setattr(backend, "inductor_directly", spy)
+    before = gc.get_threshold()
+    x, v = rand(4), rand(4)
+    _, t = torch_fwd.jvp(lambda x: x.sin() * 3.0, (x,), (v,), compile=True)
+    torch.testing.assert_close(t, x.cos() * 3.0 * v)
+    g = torch.compile(lambda x: x.sin() * 5.0, backend="torch_fwd")
+    y = g(Dual(x, v[None]))
+    torch.testing.assert_close(y.tangent[0], x.cos() * 5.0 * v)
+    assert len(seen) == 2
+    assert all(s[:2] == before[:2] and s[2] == backend.deferred_full_collections.HELD_THRESHOLD for s in seen)
+    assert gc.get_threshold() == before
+    _refuse_jvp_graphs(monkeypatch)
+    _, t = torch_fwd.jvp(lambda x: x.sin() * 7.0, (x,), (v[None].expand(2, 4),), chunked=True, compile=True)
+    assert "refused on purpose" in torch_fwd.explain()
+    assert gc.get_threshold() == before
+
+
+def test_deferred_full_collections_nest_and_restore(monkeypatch):
+    import gc
+    from torch_fwd.backend import _DeferredFullCollections
+    defer = _DeferredFullCollections()
+    held = defer.HELD_THRESHOLD
+    before = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        with defer():
+            assert gc.get_threshold() == (700, 10, held)
+            with pytest.raises(ValueError):
+                with defer():
+                    raise ValueError
+            assert gc.get_threshold() == (700, 10, held)  # the outer one still holds it
+        assert gc.get_threshold() == (700, 10, 10)
+        gc.set_threshold(0, 10, 10)  # collection off by threshold: left off
+        with defer():
+            assert gc.get_threshold() == (0, 10, 10)
+        assert gc.get_threshold() == (0, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+
+
 def test_jvp_inductor_settings_are_all_options_of_this_inductor():
     # (jvp_inductor_settings drops an option an older or newer Inductor lacks; on the
     # pinned torch, none may be dropped, or a setting documented in backend.py is not applied)
