@@ -449,10 +449,14 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     if hq is not None:
         k, v, tk, tv = _expand_kv(k, hq), _expand_kv(v, hq), _expand_kv(tk, hq), _expand_kv(tv, hq)
     s = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    # the scale on q (L x D) rather than on the scores and their tangent (L x S each)
-    qs, tqs, kT = q * s, None if tq is None else tq * s, k.transpose(-1, -2)
-    tkT = None if tk is None else tk.transpose(-1, -2)
-    joined = _joined(qs, kT, tqs, tkT)
+    kT, tkT = k.transpose(-1, -2), None if tk is None else tk.transpose(-1, -2)
+    opaque = _layout_copies_opaque()
+    if opaque:
+        qs, tqs = q, tq  # the scale on the scores below, fused into the softmax's kernel
+    else:
+        # the scale on q (L x D) rather than on the scores and their tangent (L x S each)
+        qs, tqs = q * s, None if tq is None else tq * s
+    joined = _joined(qs, kT, tqs, tkT, opaque)
     if joined is not None:
         # [Q | dQ] and [dK^T ; K^T]: the scores are the product of two halves, their
         # tangent the product of the wholes (see _joined)
@@ -461,6 +465,8 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
         scores, dS = qj[..., :d] @ kj[..., d:, :], (qj @ kj).unsqueeze(0)
     else:
         scores, dS = qs @ kT, product_tangent(qs, kT, tqs, tkT)
+    if opaque:
+        scores, dS = scores * s, None if dS is None else dS * s
     # (both products before the softmax: Inductor, which keeps this order for a JVP graph,
     # can then fuse the softmax's reductions with its tangent's)
     L, S = q.shape[-2], k.shape[-2]
@@ -498,7 +504,42 @@ def attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, dropout_p=
     return out, product_tangent(Pd, v, dP, tv)
 
 
-def _joined(a, b, ta, tb):
+def _layout_copies_opaque() -> bool:
+    """Whether attention's layout copies are opaque ATen calls: in a graph Inductor compiles
+    (for_inductor) that autograd will not differentiate. Each copy sits between two extern
+    calls (the projections' matmuls and the scores' bmm; the bmm giving the output's
+    tangent and the out-projection), so Inductor would compile it as a C++ kernel of its
+    own, a g++ run (~1 s on these CPUs) for a copy ATen does as fast: the joined [Q | dQ]
+    and [dK^T ; K^T] (with the scale moved onto the scores, which fuse into the softmax's
+    kernel) and the output's tangent laid out as the primal output is (the fused op's
+    (B, S, H, D) in memory, so the out-projection reads it as a view). The transformer
+    block's compiled JVP: 7 C++ kernels -> 5, against the primal's 4."""
+    return triton_kernels.under_inductor() and not for_autograd()
+
+
+def _restrided(t, stride):
+    """``t`` copied into ``stride`` (an opaque ATen copy, see _layout_copies_opaque)."""
+    return torch.ops.torch_fwd.restrided.default(t, list(stride))
+
+
+_LIB = torch.library.Library("torch_fwd", "FRAGMENT")  # (kept alive: it holds the ops)
+_LIB.define("layout_cat(Tensor[] tensors, int dim) -> Tensor")
+_LIB.impl("layout_cat", lambda tensors, dim: torch.cat(tensors, dim), "CompositeExplicitAutograd")
+torch.library.register_fake("torch_fwd::layout_cat", lambda tensors, dim: torch.cat(tensors, dim), lib=_LIB)
+_LIB.define("restrided(Tensor t, int[] stride) -> Tensor")
+
+
+def _restrided_impl(t, stride):
+    return torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device).copy_(t)
+
+
+_LIB.impl("restrided", _restrided_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("torch_fwd::restrided",
+                            lambda t, stride: torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device),
+                            lib=_LIB)
+
+
+def _joined(a, b, ta, tb, opaque=False):
     """([A | dA], [dB ; B]) for one direction (K = 1) with both tangents: their product is
     A dB + dA B, the tangent of A @ B, in one batched matmul. Attention's operands are
     copied into contiguous (batch, L, D) blocks for its bmm anyway (the projections' layout
@@ -511,7 +552,8 @@ def _joined(a, b, ta, tb):
     if ta is None or tb is None or ta.shape[0] != 1 or tb.shape[0] != 1 \
             or ta.dtype != a.dtype or tb.dtype != b.dtype:
         return None
-    return torch.cat([a, ta[0]], dim=-1), torch.cat([tb[0], b], dim=-2)
+    cat = torch.ops.torch_fwd.layout_cat.default if opaque else torch.cat
+    return cat([a, ta[0]], -1), cat([tb[0], b], -2)
 
 
 def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
@@ -531,6 +573,10 @@ def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
             return tuple(primal), (tout,) + (None,) * (n_out - 1)
         primal = call_op(op, p)
         _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, with_out=False)
+        out = primal[0]
+        if tout is not None and tout.shape[0] == 1 and tout.stride()[1:] != out.stride() \
+                and _layout_copies_opaque():
+            tout = _restrided(tout[0], out.stride()).unsqueeze(0)
         return primal, (tout,) + (None,) * (n_out - 1)
 
     def flash_kernel(p, t):
