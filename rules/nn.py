@@ -7,6 +7,7 @@ reuses its saved statistics.
 import math
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false
 
 from torch_fwd import triton_kernels
 from torch_fwd.combinators import decompose_with, linear, shift_dim, with_kernel
@@ -518,7 +519,8 @@ def _layout_copies_opaque() -> bool:
 
 
 def _restrided(t, stride):
-    """``t`` copied into ``stride`` (an opaque ATen copy, see _layout_copies_opaque)."""
+    """``t`` copied into ``stride`` (an opaque ATen copy, see _layout_copies_opaque): strides
+    of a dense, non-overlapping layout (the caller checks), or elements would share memory."""
     return torch.ops.torch_fwd.restrided.default(t, list(stride))
 
 
@@ -575,7 +577,7 @@ def _sdpa_rule(op, mask_pos, dropout_pos, causal_pos, n_out):
         _, tout = attention_jvp(q, k, v, mask, tq, tk, tv, tmask, scale, is_causal, with_out=False)
         out = primal[0]
         if tout is not None and tout.shape[0] == 1 and tout.stride()[1:] != out.stride() \
-                and _layout_copies_opaque():
+                and _layout_copies_opaque() and is_non_overlapping_and_dense_or_false(out):
             tout = _restrided(tout[0], out.stride()).unsqueeze(0)
         return primal, (tout,) + (None,) * (n_out - 1)
 
