@@ -546,8 +546,9 @@ def _joined(a, b, ta, tb, opaque=False):
     A dB + dA B, the tangent of A @ B, in one batched matmul. Attention's operands are
     copied into contiguous (batch, L, D) blocks for its bmm anyway (the projections' layout
     puts the sequence between batch and heads); joined, a primal and its tangent are
-    copied by one kernel under Inductor, and it can fuse the scores' softmax with their
-    tangent's (the transformer block's compiled JVP: 10 kernels to compile -> 7, with
+    copied together (by one kernel under Inductor, or, ``opaque``, by one ATen call: see
+    _layout_copies_opaque), and Inductor can fuse the scores' softmax with their tangent's
+    (the transformer block's compiled JVP: 10 kernels to compile -> 7, with
     backend.JVP_INDUCTOR_SETTINGS). None where this does not apply: K > 1 (the tangents
     carry a dimension the primal does not), an absent tangent (one product already), a
     tangent of another dtype (the primal's products must not be promoted)."""

@@ -463,7 +463,7 @@ def test_jvp_graphs_for_inductor_are_traced_with_only_the_kernels_inductor_canno
         raise RuntimeError("stop after the trace")
     monkeypatch.setattr(backend, "build_jvp_graph", build)
     with pytest.raises(RuntimeError, match="stop after the trace"):
-        backend.build_compiled_jvp_graph(None, (), (), (), 1, {}, grad=False)
+        backend.build_compiled_jvp_graph(lambda: None, (), (), (), 1, {}, grad=False)
     with pytest.raises(RuntimeError, match="stop after the trace"):
-        backend.build_compiled_jvp_graph(None, (), (), (), 1, {}, grad=True)
+        backend.build_compiled_jvp_graph(lambda: None, (), (), (), 1, {}, grad=True)
     assert seen == [True, True] and not triton_kernels.under_inductor()

@@ -210,12 +210,14 @@ class _DeferredFullCollections:
 deferred_full_collections = _DeferredFullCollections()
 
 
-def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, grad, unbatched=False):
-    """The JVP graph of ``aten_gm`` (transform.JVPGraph) with its GraphModule compiled by
-    Inductor for these inputs (``tangents``: one per input, None where inactive); the
-    caller's guards keep them valid. ``grad``: whether autograd will differentiate it.
-    ``unbatched``: one direction, its tangents without the leading K = 1 (see
-    ``transform.unbatched_tangents``).
+def build_compiled_jvp_graph(lower, args, tangents, active, chunk, patches, grad, unbatched=False):
+    """The JVP graph of the ATen graph ``lower()`` gives (capture.to_aten, called here so
+    that the lowering, the forward-mode pass and Inductor all run with full collections
+    deferred: ``deferred_full_collections``) as a transform.JVPGraph, its GraphModule
+    compiled by Inductor for these inputs (``tangents``: one per input, None where
+    inactive); the caller's guards keep them valid. ``grad``: whether autograd will
+    differentiate it. ``unbatched``: one direction, its tangents without the leading K = 1
+    (see ``transform.unbatched_tangents``).
 
     Where autograd will not (the common case) and no option asks for what only
     ``compile_fx`` arranges (CUDA graphs, the C++ wrapper, freezing), the graph goes to
@@ -229,6 +231,11 @@ def build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, gr
 
     Rules trace with ``triton_kernels.for_inductor``: Inductor writes the elementwise and
     row-wise tangents' kernels itself, fused with their neighbours."""
+    with deferred_full_collections():
+        return _build_compiled_jvp_graph(lower(), args, tangents, active, chunk, patches, grad, unbatched)
+
+
+def _build_compiled_jvp_graph(aten_gm, args, tangents, active, chunk, patches, grad, unbatched):
     if not grad and _direct_ok(patches):
         from torch._inductor.decomposition import select_decomp_table
         with triton_kernels.for_inductor():
@@ -363,8 +370,8 @@ class _TangentGraph:
     def _compile(self, prims, tans, active, chunk, grad):
         from .capture import to_aten
         try:
-            with building_for_autograd(grad), deferred_full_collections():
-                return build_compiled_jvp_graph(to_aten(self.gm, prims), prims,
+            with building_for_autograd(grad):
+                return build_compiled_jvp_graph(lambda: to_aten(self.gm, prims), prims,
                                                 [t.contiguous() if t is not None else None for t in tans],
                                                 active, chunk, self.patches, grad)
         except Exception as e:  # noqa: BLE001 - the eager path runs the region and reports real errors

@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch.overrides import TorchFunctionMode
 
 from . import registry
-from .backend import build_compiled_jvp_graph, deferred_full_collections
+from .backend import build_compiled_jvp_graph
 from .engine import building_for_autograd
 from .transform import build_jvp_graph, drop_unit_k, unbatched_tangents
 
@@ -224,9 +224,8 @@ class _CompiledGraph:
                 try:
                     with building_for_autograd(grad):
                         if ch.inductor is not None:
-                            with deferred_full_collections():
-                                jg = build_compiled_jvp_graph(self._aten(args), args, tangents, key[0], ch.chunk,
-                                                              ch.inductor, grad, ch.unbatched)
+                            jg = build_compiled_jvp_graph(lambda: self._aten(args), args, tangents, key[0],
+                                                          ch.chunk, ch.inductor, grad, ch.unbatched)
                         else:
                             jg = build_jvp_graph(self._aten(args), args, key[0], ch.chunk)
                             if ch.unbatched:
