@@ -26,6 +26,7 @@ import threading
 import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import registry
@@ -123,12 +124,48 @@ class Dual(torch.Tensor):
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
-    # Python numbers and NumPy arrays carry no tangent (as with .item()): for control flow.
+    # Ways out of the tensor world. A Dual is a wrapper without memory of its own: each of
+    # these reads its primal's, with dispatch off (under a DualMode, NumPy's conversion
+    # would otherwise run its detach through the mode and read a wrapper). Values copied
+    # out (tolist, item) carry no tangent, for control flow. Memory shared out (numpy,
+    # __array__, __dlpack__) is refused while the tensor carries a tangent, as PyTorch
+    # refuses numpy() of a tensor that requires grad: an array computed from it would
+    # silently drop the tangent, a write through it would change the value and not the
+    # tangent. ``.detach()`` first says the tangent is meant to go. (untyped_storage() stays
+    # the wrapper's own, which holds no data and raises if read: fake tensors and dynamo
+    # describe a Dual by it.)
     def tolist(self):
-        return self.primal.tolist()
+        with no_dispatch():
+            return _memory(self, None).tolist()
 
     def numpy(self, *, force=False):
-        return self.primal.numpy(force=force)
+        if force:  # a copy, as PyTorch's force=True makes
+            with no_dispatch():
+                return _memory(self, None).detach().cpu().resolve_conj().resolve_neg().numpy().copy()
+        with no_dispatch():
+            return _memory(self, "numpy()").numpy()
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __dlpack__(self, *args, **kwargs):
+        with no_dispatch():
+            return _memory(self, "__dlpack__()").__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return _memory(self, None).__dlpack_device__()
+
+    def __deepcopy__(self, memo):
+        # a copy of the value and of its tangent at every level, as clone() makes
+        if id(self) not in memo:
+            memo[id(self)] = _copied(self)
+        return memo[id(self)]
+
+    def data_ptr(self):
+        # (an address, compared for identity or alignment; PyTorch gives it for tensors
+        # that require grad too)
+        return _memory(self, None).data_ptr()
 
     def __repr__(self):
         return f"Dual(primal={self.primal!r}, tangent={self.tangent!r}, level={self._level})"
@@ -145,6 +182,29 @@ class Dual(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # no mode: Duals used directly; the innermost level among the arguments acts
         return dispatch(func, args, kwargs, None, innermost_level((*args, *kwargs.values()) if kwargs else args))
+
+
+def _copied(x):
+    if not isinstance(x, Dual):
+        with no_dispatch():
+            return x.clone()
+    t = x.tangent
+    return Dual(_copied(x.primal), _copied(t) if t is not None else None, chunk=x._chunk, level=x._level)
+
+
+def _memory(x, what):
+    """The plain tensor holding a Dual's values (through the Duals of every level it
+    wraps). ``what``: the way out that shares memory, refused while a level carries a
+    tangent (None: a copy or an address, never refused)."""
+    while isinstance(x, Dual):
+        if what is not None and x.tangent is not None:
+            raise RuntimeError(
+                f"torch_fwd: {what} of a tensor that carries a tangent would share its memory outside "
+                f"torch: what is computed from it, or written into it, would silently miss the tangent. "
+                f"Call .detach() first (as for a tensor that requires grad) to read its values "
+                f"as constants.\n  at {user_source_line()}")
+        x = x.primal
+    return x
 
 
 def innermost_level(values) -> int:
@@ -229,9 +289,10 @@ def is_view(func) -> bool:
 
 @registry.per_op
 def _op_facts(func):
-    """(an in-place view op, a mutating op, a view op whose result carries its base's tangent)"""
+    """(an in-place view op, a mutating op, a view op whose result carries its base's
+    tangent, an op returning an alias of its first argument)"""
     return (torch.Tag.inplace_view in func.tags, func._schema.is_mutable,
-            is_view(func) and func not in _TANGENT_DROPPING_VIEWS)
+            is_view(func) and func not in _TANGENT_DROPPING_VIEWS, is_view(func))
 
 
 def _split(full, level):
@@ -269,7 +330,7 @@ def _dispatch(func, args, kwargs, mode, level):
             f"  at {user_source_line()}\n"
             f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
             f"capturable (no graph break) so that the graph path runs, which autograd sees.")
-    inplace_view, mutable, view = _op_facts(func)
+    inplace_view, mutable, view, alias = _op_facts(func)
     if inplace_view:
         return _inplace_view(func, args, kwargs, full, primals, level)
     if mutable and registry.resolve(func)[0] is None:
@@ -277,6 +338,11 @@ def _dispatch(func, args, kwargs, mode, level):
         # inside the rule by calling the op itself)
         return _mutating(func, full, primals, tangents, mode, level)
     out, tout = jvp_op(func, primals, tangents)
+    if alias and tout is None and not _mine(full[0], level):
+        # an alias (a view, detach) of a tensor this level does not track is that tensor's
+        # memory, plain: a wrapper would hide the memory from whatever reads it (numpy()),
+        # and a tangent written into it is refused like one written into the tensor itself
+        return out
     view_base = None
     if view and isinstance(full[0], torch.Tensor):
         # a view of a tensor torch_fwd does not track (a global, a buffer) stays untracked
