@@ -10,7 +10,7 @@ import torch.utils._pytree as pytree
 
 from .backend import compiled_regions, jvp_patches, reset_regions, torch_fwd_backend
 from .capture import (TRACE_LOCK, CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, ensure_compiler_imported,
-                      to_aten)
+                      guard_settings, to_aten)
 from .dual import Dual, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .engine import building_for_autograd
@@ -209,9 +209,9 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
     elif path in ("auto", "graph"):
         cap = _capture_for(func)
         try:
-            raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
-                                   unbatched=unbatched)
-            out, with_k = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux, unbatched)
+            raw, ch = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
+                              unbatched=unbatched)
+            out, with_k = _graph_outputs(raw, ch, flat_p, ts, chunk, has_aux, unbatched)
             why = "graph"
         except CaptureFailed as e:
             ts = _batched(ts, unbatched)
@@ -222,6 +222,10 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
                 out = _traced_once(func, flat_p, ts, spec, chunk, has_aux)
                 why = "graph (traced once: the function calls jvp)"
             elif path == "graph":
+                if e.user_error:
+                    # the function's own exception (dynamo only traced its raise), a rule's, or
+                    # outputs that are not tensors: the eager path raises it as the user wrote it
+                    _eager(func, flat_p, ts, spec, chunk, has_aux)
                 raise RuntimeError(f"jvp(path='graph'): the function could not be captured: {e}") from None
             elif e.nested_jvp:
                 why = "eager (the function calls jvp, which dynamo cannot capture)"
@@ -301,10 +305,10 @@ def _compiled(func, opts, primal_args, flat_p, ts, spec, chunk, has_aux, unbatch
     if opts.get("dynamic") is None:
         cap = _capture_for(_unwrap_compiled(func))
         try:
-            raw, results = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
-                                   inductor=jvp_patches(opts.get("mode"), opts.get("options")),
-                                   unbatched=unbatched)
-            out, with_k = _graph_outputs(raw, results, flat_p, ts, chunk, has_aux, unbatched)
+            raw, ch = cap.run(primal_args, flat_p, ts, chunk, lambda: _signature(flat_p, chunk),
+                              inductor=jvp_patches(opts.get("mode"), opts.get("options")),
+                              unbatched=unbatched)
+            out, with_k = _graph_outputs(raw, ch, flat_p, ts, chunk, has_aux, unbatched)
             return out, "compiled (1 region)", with_k
         except CaptureFailed as e:
             if e.nested_jvp:
@@ -325,7 +329,8 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
 
     def call(*args):
         try:
-            return cf(*args)
+            with guard_settings():
+                return cf(*args)
         except Exception as e:
             # Part of the function may have run already (an earlier compiled region):
             # rerunning it eagerly could repeat its side effects, so this is an error.
@@ -426,31 +431,71 @@ def _fill(tensors, consts):
     return [consts[i] if i in consts else next(it) for i in range(n)]
 
 
-def _graph_output_tangent(o, results, flat_p, ts):
-    """The tangent of an output of a captured function. Dynamo returns some outputs from
-    bytecode after the graph rather than from it -- a view of an input is re-created
-    there (``x.T``), an input is returned as is -- so an output the graph did not produce
-    but whose storage is an input's gets that input's tangent through the same view; only
-    an output sharing nothing with the inputs has a zero tangent."""
-    t = results.get(id(o))
-    if t is not None:
-        return t
+def _graph_output_tangent(o, ch, flat_p, ts):
+    """The tangent of an output of a captured function: what a graph gave for it (None:
+    zero), or, for an output dynamo made after its graph, :func:`_rebuilt_tangent`."""
+    results = ch.results
+    if id(o) in results:
+        return results[id(o)]
     if o.numel() == 0:
         return None
-    for p, tp in zip(flat_p, ts):
-        if p.numel() and shares_storage(o, p):
-            tp = results.get(id(p), tp)  # the input's tangent after any in-place update
-            if o is p:
-                return tp
-            return restride_through_storage(tp, p, o.shape, o.stride(), o.storage_offset())
-    return None
+    return _rebuilt_tangent(o, ch, flat_p, ts)
 
 
-def _graph_outputs(raw, results, flat_p, ts, chunk, has_aux, unbatched=False):
+def _rebuilt_tangent(o, ch, flat_p, ts):
+    """Dynamo returns a tensor it can name from what the function read (an input, a
+    global, an attribute of one: ``x.T``, ``x.mT``, ``x.data``) by building it in bytecode
+    after the graph, not from the graph. Its tangent is that of the tensor it was built
+    from, through the same view, which is found by memory, exactly or not at all:
+
+    - an input itself: its tangent;
+    - not an autograd view (``x.data``): it shares memory but carries no tangent;
+    - a view: its source is a tensor the function read (an input or a graph input) whose
+      autograd base is the view's and whose memory holds every element of it. One such
+      source: its tangent (zero for a graph input that is not an input of ``jvp``)
+      restrided as the output is. Several, and some have a tangent: the output cannot be
+      told apart, and that is an error, never a guess."""
+    tangent_of = {id(p): t for p, t in zip(flat_p, ts)}
+    tangent_of.update({k: v for k, v in ch.results.items() if k in tangent_of})  # updated in place
+    if id(o) in tangent_of:  # an input returned as it is
+        return tangent_of[id(o)]
+    if o._base is None:  # (not o._is_view(): a Dual's view answers through its primal)
+        return None
+    read = {id(p): p for p in flat_p}
+    for args, _ in ch.graph_calls:
+        read.update({id(a): a for a in args if isinstance(a, torch.Tensor)})
+    base = o._base
+    sources = [x for x in read.values()
+               if (x is base or x._base is base) and o.dtype == x.dtype and _holds(x, o)]
+    with_tangent = [x for x in sources if tangent_of.get(id(x)) is not None]
+    if not with_tangent:
+        return None
+    if len(sources) > 1:
+        raise RuntimeError(
+            f"torch_fwd: an output of shape {tuple(o.shape)} is a view dynamo rebuilt after the graph, and "
+            f"{len(sources)} tensors the function read hold its memory ({len(with_tangent)} with a tangent): "
+            f"which one it views cannot be told, so neither is its tangent. Return a copy (.clone()) or use "
+            f"path='eager'.")
+    x = sources[0]
+    return restride_through_storage(tangent_of[id(x)], x, o.shape, o.stride(), o.storage_offset())
+
+
+def _holds(x, o) -> bool:
+    """Whether every element of ``o`` lies in memory ``x`` spans (they share storage)."""
+    if not shares_storage(o, x):
+        return False
+    n = x.untyped_storage().nbytes() // x.element_size()
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask.as_strided(tuple(x.shape), tuple(x.stride()), x.storage_offset()).fill_(True)
+    return bool(mask.as_strided(tuple(o.shape), tuple(o.stride()), o.storage_offset()).all())
+
+
+def _graph_outputs(raw, ch, flat_p, ts, chunk, has_aux, unbatched=False):
     """((output, its tangents, aux), whether the tangents have their K) of a captured
-    function's run, from the tangents its graphs left in ``results``; ``unbatched``: those
-    and ``ts`` are one direction's, without K."""
+    function's run, from the tangents its graphs left in ``ch.results``; ``unbatched``:
+    those and ``ts`` are one direction's, without K."""
     res, aux = _split_aux(raw, has_aux)
+    results = ch.results
     if type(res) is torch.Tensor:
         # (the common case, without _collect's closure and pytree)
         t = results.get(id(res))
@@ -459,9 +504,9 @@ def _graph_outputs(raw, results, flat_p, ts, chunk, has_aux, unbatched=False):
             return (res, t, aux), not unbatched
     if unbatched:
         # (pytree outputs, outputs dynamo makes outside the graph: as with K)
-        results = {k: v.unsqueeze(0) for k, v in results.items()}
+        ch.results = {k: (v.unsqueeze(0) if v is not None else None) for k, v in results.items()}
         ts = _batched(ts, True)
-    return (res, _collect(res, lambda i, o: _graph_output_tangent(o, results, flat_p, ts), chunk), aux), True
+    return (res, _collect(res, lambda i, o: _graph_output_tangent(o, ch, flat_p, ts), chunk), aux), True
 
 
 def _split_aux(raw, has_aux):

@@ -37,25 +37,44 @@ __all__ = ["to_aten", "GuardedCapture", "CaptureFailed"]
 
 class CaptureFailed(Exception):
     """The function cannot be captured exactly; the caller runs the eager path.
-    ``nested_jvp``: because the function calls ``torch_fwd.jvp`` itself."""
+    ``nested_jvp``: because the function calls ``torch_fwd.jvp`` itself. ``user_error``:
+    because something raised that may raise eagerly too (the function's own ``raise``,
+    which dynamo only traced; a rule's error; outputs that are not tensors): the eager
+    path then gives the user that very exception, even where the graph path was asked for."""
 
-    def __init__(self, msg, nested_jvp=False):
+    def __init__(self, msg, nested_jvp=False, user_error=False):
         super().__init__(msg)
         self.nested_jvp = nested_jvp
+        self.user_error = user_error
 
 
 class NestedJvpUnderDynamo(RuntimeError):
     """Raised by ``jvp`` while dynamo traces it: dynamo cannot trace our dispatch mode."""
 
 
-def _caused_by_nested_jvp(e) -> bool:
-    # dynamo re-raises a user exception it traced as a class of its own named after ours
-    # (Observed_NestedJvpUnderDynamoError), chained under its Unsupported error
+def _causes(e) -> tuple[bool, bool]:
+    """(nested_jvp, user_error) of a failed capture, from its chain of exceptions. Dynamo
+    reports an exception raised by the code it traced as a class of its own named after
+    it (ObservedValueErrorError, Observed_NestedJvpUnderDynamoError: an ObservedException),
+    chained under its Unsupported error; a rule's error while the JVP graph is built comes
+    as our own CaptureFailed under dynamo's BackendCompilerFailed."""
+    nested = user = False
     while e is not None:
-        if "NestedJvpUnderDynamo" in type(e).__name__:
-            return True
+        name = type(e).__name__
+        if "NestedJvpUnderDynamo" in name:
+            nested = True
+        elif name.startswith("Observed") and type(e).__module__.startswith("torch._dynamo"):
+            user = True
+        elif isinstance(e, CaptureFailed) and e.user_error:
+            user = True
         e = e.__cause__ or e.__context__
-    return False
+    return nested, user
+
+
+def _raised_by_rules(e) -> bool:
+    """Whether an exception while a JVP graph is built may come from a rule (and so raise
+    eagerly too) rather than from tracing itself (fake tensors, symbolic shapes)."""
+    return not type(e).__module__.startswith("torch.")
 
 
 _import_lock = threading.Lock()
@@ -137,7 +156,8 @@ class _RecordUserFrames(TorchFunctionMode):
 class _Call:
     """What one GuardedCapture.run hands the graphs dynamo calls (one object per call, set
     on the thread's channel in one assignment: per-call cost matters for small functions)."""
-    __slots__ = ("tangents", "chunk", "unbatched", "results", "ran", "interpret", "inductor", "inductor_key")
+    __slots__ = ("tangents", "chunk", "unbatched", "results", "ran", "interpret", "inductor", "inductor_key",
+                 "graph_calls")
 
     def __init__(self, tangents, chunk, interpret, inductor, unbatched=False):
         self.tangents = tangents  # id(primal) -> tangent
@@ -145,7 +165,12 @@ class _Call:
         # one direction, every tangent (in and out) without the leading K = 1: jvp without
         # chunked, compiled or not (transform.unbatched_tangents, transform.drop_unit_k)
         self.unbatched = unbatched
-        self.results = {}         # id(tensor) -> tangent
+        # id(tensor) -> tangent (None: zero) of every tensor a graph gave back: an output
+        # not among them was made by dynamo's bytecode after the graph (api._rebuilt_tangent)
+        self.results = {}
+        # (graph inputs, graph outputs) of each graph run: they stay alive until the call
+        # ends, so no id in ``results`` can be reused by a tensor made later
+        self.graph_calls = []
         self.ran = 0
         # instead of a JVP graph: interpret(aten_gm, args, call) -> outputs (laplacian)
         self.interpret = interpret
@@ -187,7 +212,7 @@ class _CompiledGraph:
                 try:
                     gm = self._aten(args)
                 except Exception as e:  # noqa: BLE001
-                    raise CaptureFailed(str(e)) from e
+                    raise CaptureFailed(str(e), user_error=_raised_by_rules(e)) from e
             outs = ch.interpret(gm, args, ch)
             ch.ran += 1
             return outs
@@ -209,8 +234,8 @@ class _CompiledGraph:
         outs, touts, mutated = jg(args, tangents)
         results = ch.results
         for o, t in zip(outs, touts):
-            if t is not None:
-                results[id(o)] = t
+            results[id(o)] = t
+        ch.graph_calls.append((args, outs))
         if mutated:
             for i, t in mutated.items():
                 results[id(args[i])] = t
@@ -233,7 +258,7 @@ class _CompiledGraph:
                             # (a graph autograd will differentiate keeps to Python bindings)
                             jg.trace_when_reused = not grad
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
-                    raise CaptureFailed(str(e)) from e
+                    raise CaptureFailed(str(e), user_error=_raised_by_rules(e)) from e
                 self.jvp_graphs[key] = jg
             return jg
 
@@ -254,17 +279,31 @@ class _Settings(threading.local):
     # takes a second that `import torch_fwd` need not pay.
     patch = None
     compiling = None
+    guards = None
 
 
 _settings = _Settings()
 
-_LIMITS = dict(recompile_limit=512, accumulated_recompile_limit=8192, fail_on_recompile_limit_hit=True)
+# Guards dynamo leaves out by default, "unsafe" in its own words: a module hook added or
+# removed after the capture, one parameter passed where two were. A stale graph would be
+# a silently wrong tangent: every capture of ours guards on both (guards are installed
+# when a graph is captured, so the patch is needed only then).
+_GUARDS = dict(skip_nnmodule_hook_guards=False, skip_no_tensor_aliasing_guards_on_parameters=False)
+_LIMITS = dict(recompile_limit=512, accumulated_recompile_limit=8192, fail_on_recompile_limit_hit=True, **_GUARDS)
 
 
 def _DYNAMO_SETTINGS():
     if _settings.patch is None:
         _settings.patch = torch._dynamo.config.patch(**_LIMITS)
     return _settings.patch
+
+
+def guard_settings():
+    """The guards above alone, for torch.compile'd functions of ours (jvp(compile=...)
+    with graph breaks), entered around each call."""
+    if _settings.guards is None:
+        _settings.guards = torch._dynamo.config.patch(**_GUARDS)
+    return _settings.guards
 
 
 def _COMPILING_SETTINGS():
@@ -283,7 +322,7 @@ class GuardedCapture:
     def __init__(self, fn):
         ensure_compiler_imported()
         self.compiled = torch.compile(fn, backend=_backend, fullgraph=True, dynamic=False)
-        self.failed_keys: dict = {}  # signature -> (message, nested_jvp): why its capture failed
+        self.failed_keys: dict = {}  # signature -> CaptureFailed's arguments: why its capture failed
         self.code = getattr(fn, "__code__", None)
         self.direct = _DirectCall.for_function(fn)
 
@@ -298,7 +337,7 @@ class GuardedCapture:
 
     def run(self, args, flat_primals, flat_tangents, chunk, key_fn, interpret=None, inductor=None, unbatched=False):
         """Run fn(*args) through dynamo with tangents attached to ``flat_primals``. Returns
-        (output, {id(tensor): tangent}) or raises CaptureFailed. ``interpret``: run each
+        (output, the run's _Call: its ``results`` and ``graph_calls``) or raises CaptureFailed. ``interpret``: run each
         captured ATen graph with it instead of building a JVP graph (see _Call).
         ``inductor``: (key, Inductor config patches): the JVP graph compiled by Inductor;
         ``unbatched``: with it, tangents in and out have no leading K (chunk is 1)."""
@@ -311,6 +350,10 @@ class GuardedCapture:
                 raise CaptureFailed(*why)
         if _channel.call is not None:
             raise CaptureFailed("nested torch_fwd.jvp runs eagerly")
+        if _global_module_hooks():
+            # (not remembered as a failure: once the hooks are gone, the graphs serve again)
+            raise CaptureFailed("global module hooks are registered (torch.nn.modules.module."
+                                "register_module_forward_hook, ...), which dynamo's guards do not see")
         if len(flat_primals) > 1 and len({id(p) for p in flat_primals}) < len(flat_primals):
             # one tensor passed twice with two tangents: identity cannot tell them apart
             raise CaptureFailed("the same tensor object is passed as two primals")
@@ -334,20 +377,43 @@ class GuardedCapture:
             if ch.ran == 0:
                 # Nothing compiled ran (an empty graph, or dynamo declined): the eager
                 # path decides, so that no output is ever given a tangent by guesswork.
-                raise CaptureFailed("no graph ran")
-            return out, ch.results
+                raise CaptureFailed("no graph ran", user_error=_has_non_tensor_leaf(out))
+            return out, ch
         except Exception as e:  # noqa: BLE001
             # dynamo could not capture (graph break, data-dependent control flow, a rule
             # missing at trace time, ...): the eager path runs and reports real errors.
             # (the message only is kept: an exception would keep the failed frames' tensors alive)
             if isinstance(e, CaptureFailed):
-                self.failed_keys[(key_fn(), ikey)] = (str(e), e.nested_jvp)
+                self.failed_keys[(key_fn(), ikey)] = (str(e), e.nested_jvp, e.user_error)
                 raise
-            why = (f"{type(e).__name__}: {e}", _caused_by_nested_jvp(e))
+            why = (f"{type(e).__name__}: {e}", *_causes(e))
             self.failed_keys[(key_fn(), ikey)] = why
             raise CaptureFailed(*why) from e
         finally:
             _channel.call = None
+
+
+def _has_non_tensor_leaf(out) -> bool:
+    import torch.utils._pytree as pytree
+    return any(not isinstance(x, torch.Tensor) for x in pytree.tree_leaves(out))
+
+
+def _global_module_hooks():
+    """Whether a hook is registered for every module (``register_module_forward_hook`` and
+    its kin). Dynamo's guards see a module's own hooks (skip_nnmodule_hook_guards=False
+    above) but not these: a graph captured with them, or without them, would be served
+    after they change, so the graph path runs only while there are none (the eager path
+    runs them as Python does). Their registries have no public reader; one missing
+    from a torch release is skipped."""
+    for d in _GLOBAL_HOOK_DICTS:
+        if d:
+            return True
+    return False
+
+
+_GLOBAL_HOOK_DICTS = [d for d in (getattr(torch.nn.modules.module, name, None) for name in (
+    "_global_forward_pre_hooks", "_global_forward_hooks", "_global_forward_hooks_always_called",
+    "_global_backward_pre_hooks", "_global_backward_hooks")) if isinstance(d, dict)]
 
 
 def _cache_entries(code):

@@ -239,14 +239,14 @@ def _guarded(func, x, V):
                 ch.results[id(o.value)] = o
         return [o.value if _mark(o) else o for o in outs]
     try:
-        out, results = _capture_for(func).run((x,), [x], [V], V.shape[0],
+        out, ch = _capture_for(func).run((x,), [x], [V], V.shape[0],
                                               lambda: ("laplacian", tuple(x.shape), x.dtype, x.stride()),
                                               interpret=interpret)
     except CaptureFailed:
         return None
-    if not isinstance(out, torch.Tensor) or id(out) not in results:
+    if not isinstance(out, torch.Tensor) or ch.results.get(id(out)) is None:
         return None
-    return results[id(out)]
+    return ch.results[id(out)]
 
 
 def _traced_once(func, x, V):
