@@ -107,9 +107,11 @@ def any_active(tangents) -> bool:
     return False
 
 
-def _fix_tangent(op, out, tout):
+def _fix_tangent(op, out, tout, k=None):
     """Drop tangents of non-differentiable outputs and check shapes, so that a faulty
-    rule fails here, loudly, instead of producing a wrong answer downstream."""
+    rule fails here, loudly, instead of producing a wrong answer downstream. A library
+    rule may give a tangent of lower rank, broadcast after the K directions (``k``, when
+    known, is checked), never into them."""
     if tout is None:
         return None
     if isinstance(out, torch.Tensor):
@@ -117,6 +119,10 @@ def _fix_tangent(op, out, tout):
             return None
         if not isinstance(tout, torch.Tensor):
             raise RuntimeError(f"frule for {op} returned a {type(tout).__name__} tangent for a tensor output")
+        if tout.dim() == 0 or (k is not None and tout.shape[0] != k):
+            raise RuntimeError(
+                f"torch_fwd internal error: the rule for {op} returned a tangent of shape {tuple(tout.shape)} "
+                f"for an output of shape {tuple(out.shape)} with K = {k}; please report this with the function")
         if tout.shape[1:] != out.shape:
             try:
                 # a lower-rank tangent broadcasts after the chunk dim, never into it
@@ -131,7 +137,7 @@ def _fix_tangent(op, out, tout):
     if isinstance(out, (tuple, list)):
         if not isinstance(tout, (tuple, list)) or len(tout) != len(out):
             raise RuntimeError(f"frule for {op} returned tangents that do not mirror its {len(out)} outputs")
-        return tuple(_fix_tangent(op, o, t) for o, t in zip(out, tout))
+        return tuple(_fix_tangent(op, o, t, k) for o, t in zip(out, tout))
     return None
 
 
@@ -145,8 +151,59 @@ def jvp_op(op, primals: tuple, tangents: tuple):
     # (linear rules, dy = op(dx), are marked complex_safe and do apply; user rules always do).
     if rule is not None and (complex_ok or not _any_complex(primals)):
         out, tout = rule(primals, tangents)
-        return out, _fix_tangent(op, out, tout)
+        if complex_ok and registry.is_user_rule(op):
+            return out, _checked_user_tangent(op, rule, out, tout, _chunk(tangents))
+        return out, _fix_tangent(op, out, tout, _chunk(tangents))
     return _fallback(op, primals, tangents)
+
+
+def _chunk(tangents) -> int:
+    """K, the number of directions, of an op's (active) tangents."""
+    for t in tangents:
+        if isinstance(t, (list, tuple)):
+            t = next((x for x in t if x is not None), None)
+        if t is not None:
+            return t.shape[0]
+    raise AssertionError("no active tangent")
+
+
+def _checked_user_tangent(op, rule, out, tout, k, where=None):
+    """A user rule's tangents as given, each of shape (K, *output.shape) (or, with one
+    direction, output.shape: its K is added), else a ValueError naming the rule: no
+    broadcast that could hide a wrong shape (a rule that dropped K when K equals the
+    output's size would broadcast into a plausible wrong tangent)."""
+    if tout is None:
+        return None
+    if isinstance(out, torch.Tensor):
+        if not is_differentiable(out):
+            return None
+        what = "the output" if where is None else f"output {where}"
+        if not isinstance(tout, torch.Tensor):
+            raise TypeError(f"torch_fwd: {_rule_name(rule)}, the rule for {op}, returned a {type(tout).__name__} "
+                            f"as the tangent of {what} (a tensor)\n  at {user_source_line()}")
+        expected = (k,) + tuple(out.shape)
+        if tuple(tout.shape) != expected:
+            if k == 1 and tout.shape == out.shape:
+                tout = tout.unsqueeze(0)
+            else:
+                raise ValueError(
+                    f"torch_fwd: {_rule_name(rule)}, the rule for {op}, returned a tangent of shape "
+                    f"{tuple(tout.shape)} for {what}, of shape {tuple(out.shape)}; expected {expected}: "
+                    f"the K = {k} directions first, then the output's shape (tangents are never broadcast)"
+                    f"\n  at {user_source_line()}")
+        return tout if tout.dtype == out.dtype else tout.to(out.dtype)
+    if isinstance(out, (tuple, list)):
+        if not isinstance(tout, (tuple, list)) or len(tout) != len(out):
+            raise TypeError(f"torch_fwd: {_rule_name(rule)}, the rule for {op}, returned tangents that do not "
+                            f"mirror its {len(out)} outputs\n  at {user_source_line()}")
+        return tuple(_checked_user_tangent(op, rule, o, t, k, i) for i, (o, t) in enumerate(zip(out, tout)))
+    return None
+
+
+def _rule_name(rule) -> str:
+    name = getattr(rule, "__qualname__", None) or repr(rule)
+    code = getattr(rule, "__code__", None)
+    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
 
 
 def without_rule(op, primals, tangents):

@@ -111,7 +111,14 @@ def lookup(op) -> Rule | None:
 
 
 def is_user_rule(op) -> bool:
-    return op in _USER or (isinstance(op, OpOverload) and op.overloadpacket in _USER)
+    hit = _resolved.get(id(op))
+    if hit is not None and hit[1] == _generation[0]:
+        return hit[4]
+    return _is_user_rule(op)
+
+
+def _is_user_rule(op) -> bool:
+    return op in _USER or (isinstance(op, OpOverload) and is_functional(op) and op.overloadpacket in _USER)
 
 
 def per_op(fn):
@@ -131,7 +138,7 @@ def per_op(fn):
     return get
 
 
-_resolved: dict[int, tuple] = {}  # id(op) -> (op, generation, rule, complex_ok)
+_resolved: dict[int, tuple] = {}  # id(op) -> (op, generation, rule, complex_ok, a user's rule)
 
 
 def resolve(op) -> tuple[Rule | None, bool]:
@@ -143,8 +150,9 @@ def resolve(op) -> tuple[Rule | None, bool]:
     if hit is not None and hit[1] == gen:
         return hit[2], hit[3]
     rule = lookup(op)
-    complex_ok = rule is not None and (getattr(rule, "complex_safe", False) or is_user_rule(op))
-    _resolved[id(op)] = (op, gen, rule, complex_ok)
+    user = rule is not None and _is_user_rule(op)
+    complex_ok = rule is not None and (getattr(rule, "complex_safe", False) or user)
+    _resolved[id(op)] = (op, gen, rule, complex_ok, user)
     return rule, complex_ok
 
 
