@@ -4,6 +4,7 @@ eager path relies on for in-place writes through views."""
 import torch
 
 from torch_fwd.combinators import linear, linear_vmap, shift_dim, shift_dims
+from torch_fwd.engine import for_autograd
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, materialize, restride_through_storage
 
@@ -134,7 +135,9 @@ reg(aten.stack.default, _joined(aten.stack.default, lambda dim, nd: dim % nd + 1
 
 def _copy(p, t):
     x, src = p[0], p[1]
-    y = aten.copy.default(x, src, p[2])
+    # (aten.copy has no derivative in autograd; an in-place copy into a tensor laid out
+    # like x is the same value, and autograd differentiates it)
+    y = torch.empty_like(x).copy_(src, p[2]) if for_autograd() else aten.copy.default(x, src, p[2])
     if t[1] is None:
         return y, None
     return y, align(t[1], x.dim()).expand((t[1].shape[0],) + tuple(x.shape)).to(x.dtype)

@@ -71,18 +71,27 @@ def test_graph_path_outputs_can_be_backpropagated():
     torch.testing.assert_close(x.grad, expected.detach())
 
 
-def test_eager_path_refuses_silent_gradient_loss():
+def test_eager_path_records_autograd_history():
     lin = torch.nn.Linear(3, 2).double()  # parameters require grad
 
     def f(x):
         if x.sum() > -100:  # data-dependent: the eager path runs
             return lin(x)
         return x
-    x, v = torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D)
-    with pytest.raises(RuntimeError, match="does not record autograd history"):
-        torch_fwd.jvp(f, (x,), (v,))
+    x = torch.randn(4, 3, dtype=D, requires_grad=True)
+    v = torch.randn(4, 3, dtype=D, requires_grad=True)
+    grads = []
+    for jvp in (torch_fwd.jvp, torch.func.jvp):
+        out, t = jvp(f, (x,), (v,))
+        if jvp is torch_fwd.jvp:
+            assert torch_fwd.explain().startswith("eager")
+        loss = (out * t).sum() + (t ** 2).sum()
+        grads.append(torch.autograd.grad(loss, [x, v, lin.weight, lin.bias]))
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref)
     with torch.no_grad():
         _, t = torch_fwd.jvp(f, (x,), (v,))
+    assert t.grad_fn is None
     torch.testing.assert_close(t, v @ lin.weight.T.detach())
 
 

@@ -30,7 +30,7 @@ from torch.utils._mode_utils import no_dispatch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import registry
-from .engine import jvp_op, user_source_line
+from .engine import above_dispatch, building_for_autograd, for_autograd, jvp_op, user_source_line
 from .tangent import is_differentiable, shares_storage
 
 aten = torch.ops.aten
@@ -323,14 +323,39 @@ def dispatch(func, args, kwargs, mode, level):
 def _dispatch(func, args, kwargs, mode, level):
     full = registry.normalize(func, args, kwargs)
     primals, tangents = _split(full, level)
-    if torch.is_grad_enabled() and _requires_grad(primals, tangents):
-        raise RuntimeError(
-            f"torch_fwd's eager path does not record autograd history: {func} got a tensor that "
-            f"requires grad, and a loss built from its result would silently get no gradient from it.\n"
-            f"  at {user_source_line()}\n"
-            f"Run jvp under torch.no_grad() if you do not backpropagate, or make the function "
-            f"capturable (no graph break) so that the graph path runs, which autograd sees.")
     inplace_view, mutable, view, alias = _op_facts(func)
+    if _grad_enabled():
+        # Autograd records what the rule does on the primals and tangents (plain tensors:
+        # PyTorch runs __torch_dispatch__ below autograd, which is re-entered for it), so
+        # outputs and tangents back-propagate. Views and in-place ops are recorded even on
+        # tensors that do not require grad yet: a value that does may be written into them
+        # later, and autograd must know the view to carry it to the base. (On an enclosing
+        # level's Duals, that level's dispatch records when the rule reaches their primals.)
+        grad = _requires_grad(primals, tangents)
+        # (an alias of a tensor this level does not track comes back plain, below: autograd
+        # above this dispatch records it as it would without torch_fwd)
+        if (grad or alias or mutable) and not _holds_dual(primals) and not (alias and not _mine(full[0], level)):
+            with above_dispatch(), building_for_autograd(grad or for_autograd()):
+                return _dispatch_op(func, args, kwargs, full, primals, tangents, mode, level,
+                                    inplace_view, mutable, view, alias)
+    return _dispatch_op(func, args, kwargs, full, primals, tangents, mode, level, inplace_view, mutable, view, alias)
+
+
+_grad_enabled = torch._C.is_grad_enabled
+
+
+def _holds_dual(primals) -> bool:
+    for x in primals:
+        if isinstance(x, Dual):
+            return True
+        if isinstance(x, (list, tuple)):
+            for y in x:
+                if isinstance(y, Dual):
+                    return True
+    return False
+
+
+def _dispatch_op(func, args, kwargs, full, primals, tangents, mode, level, inplace_view, mutable, view, alias):
     if inplace_view:
         return _inplace_view(func, args, kwargs, full, primals, level)
     if mutable and registry.resolve(func)[0] is None:
@@ -394,7 +419,7 @@ def _inplace_view(func, args, kwargs, full, primals, level):
 def _requires_grad(*trees) -> bool:
     """Whether a real tensor among the trees requires grad. Fake tensors compute no values
     (dynamo propagating shapes through a region it compiles, whose JVP graph autograd does
-    see), so they never make the eager path refuse."""
+    see): autograd need not record for them."""
     for tree in trees:
         for x in tree:
             if isinstance(x, torch.Tensor):
@@ -432,7 +457,13 @@ def _view_deriver(func, primals, index):
     tangents_rest = (None,) * len(rest)
 
     def derive(base_tangent):
-        _, t = jvp_op(func, (primals[0],) + rest, (base_tangent,) + tangents_rest)
+        # (a view autograd tracks, in grad mode: a value written through it later must
+        # reach the base tangent's history too; derive may run inside a dispatch)
+        if _grad_enabled() and not isinstance(base_tangent, Dual):
+            with above_dispatch():
+                _, t = jvp_op(func, (primals[0],) + rest, (base_tangent,) + tangents_rest)
+        else:
+            _, t = jvp_op(func, (primals[0],) + rest, (base_tangent,) + tangents_rest)
         return t if index is None else t[index]
     return derive
 
@@ -495,6 +526,11 @@ def _mutating(func, full, primals, tangents, mode, level):
         raise registry.NoRuleError(
             f"torch_fwd: in-place/out= op {func} has no functional counterpart to take its rule "
             f"from.\n  at {user_source_line()}")
+    if _grad_enabled() and _requires_grad(primals, tangents):
+        # autograd may save what the rule reads for its backward, and the write below
+        # changes the targets in place: the rule reads copies of them (as autograd keeps
+        # the original self of an in-place op that needs it)
+        primals, tangents = _copies_of(written, primals), _copies_of(written, tangents)
     out, tout = jvp_op(fop, tuple(primals[i] for i in keep), tuple(tangents[i] for i in keep))
     outs = out if isinstance(out, (tuple, list)) else (out,)
     touts = tout if isinstance(tout, (tuple, list)) else (tout,) * len(outs)
@@ -502,6 +538,10 @@ def _mutating(func, full, primals, tangents, mode, level):
     for target_index, value, tvalue in zip(written, outs, touts):
         _write(func, full[target_index], value, tvalue, chunk, level)
     return _return_mutated(func, full, written)
+
+
+def _copies_of(indices, values):
+    return tuple(v.clone() if i in indices and isinstance(v, torch.Tensor) else v for i, v in enumerate(values))
 
 
 def _return_mutated(func, full, written):

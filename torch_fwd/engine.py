@@ -429,8 +429,12 @@ def _double_vjp(op, primals, tangents):
         # (on an enclosing level's Duals, detach() would drop that level's tangents)
         return None
     slots = _active_slots(primals, tangents)
+    # back-propagated through (the eager path recording autograd history): the identity is
+    # built on the primals themselves and kept differentiable, never detached
+    keep = for_autograd() and torch.is_grad_enabled()
     with above_dispatch(), torch.enable_grad():
-        leaves = [_get(primals, s).detach().requires_grad_(True) for s in slots]
+        leaves = [p if keep and p.requires_grad else p.detach().requires_grad_(True)
+                  for p in (_get(primals, s) for s in slots)]
         out = call_op(op, _substitute(primals, slots, leaves))
         flat, spec = pytree.tree_flatten(out)
         diff = [i for i, o in enumerate(flat) if is_differentiable(o) and o.requires_grad]
@@ -451,11 +455,11 @@ def _double_vjp(op, primals, tangents):
                 for lst, i in zip(touts, diff):
                     lst.append(torch.zeros_like(flat[i]))
                 continue
-            jv = torch.autograd.grad(dot, us, retain_graph=True, allow_unused=True)
+            jv = torch.autograd.grad(dot, us, retain_graph=True, allow_unused=True, create_graph=keep)
             for lst, j, i in zip(touts, jv, diff):
                 lst.append(torch.zeros_like(flat[i]) if j is None else j)
-    result = [o.detach() if isinstance(o, torch.Tensor) else o for o in flat]
+    result = [o.detach() if isinstance(o, torch.Tensor) and not keep else o for o in flat]
     tflat = [None] * len(flat)
     for lst, i in zip(touts, diff):
-        tflat[i] = torch.stack(lst).detach()
+        tflat[i] = torch.stack(lst) if keep else torch.stack(lst).detach()
     return pytree.tree_unflatten(result, spec), pytree.tree_unflatten(tflat, spec)
