@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.autograd.function import _is_setup_context_defined
 
-from torch_fwd.dual import Dual, innermost_level, unwrap_tree
+from torch_fwd.dual import Dual, innermost_level, outside_mode, unwrap_tree
 
 from ._cases import case, randn
 
@@ -39,6 +39,7 @@ class _JvpCtx:
         self._saved = ()
         self.needs_input_grad = (True,) * n_inputs
         self.materialize_grads = True
+        self.dirty = False
 
     def save_for_backward(self, *tensors):
         self._saved = tensors
@@ -50,7 +51,7 @@ class _JvpCtx:
         return self._saved
 
     def mark_dirty(self, *args):
-        pass
+        self.dirty = True
 
     def mark_non_differentiable(self, *args):
         pass
@@ -98,9 +99,47 @@ def _function_jvp(cls, args, kwargs):
     return pytree.tree_unflatten(wrapped, ospec)
 
 
+def _function_with_history(cls, args, kwargs, flat, spec, level, mine):
+    """A Function without a jvp, on Duals, whose result autograd will differentiate. Run
+    by ``apply`` on the Duals, its forward would run without grad and its backward attach
+    to the Dual wrappers, not to the values the eager path records: the history would end
+    there. Instead the tangents come from its forward's own ops on the Duals, recorded
+    (forward-mode needs no backward), and the values from ``apply`` on the primals, where
+    autograd records the Function itself, its backward included. Both runs draw the same
+    random numbers."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    ctx = _JvpCtx(len(args))
+    with torch.random.fork_rng(devices=devices):
+        if _is_setup_context_defined(cls.setup_context):
+            dual_out = cls.forward(*args, **kwargs)
+        else:
+            dual_out = cls.forward(ctx, *args, **kwargs)
+    if ctx.dirty:
+        raise NotImplementedError(
+            f"torch_fwd: autograd.Function {cls.__name__} modifies its inputs in place (mark_dirty); the eager "
+            f"path cannot record its history in grad mode. Run under torch.no_grad(), or give it a jvp.")
+    p_args, p_kwargs = pytree.tree_unflatten([x.primal if m else x for x, m in zip(flat, mine)], spec)
+    with outside_mode(level):
+        out = _original_apply(cls, *p_args, **p_kwargs)
+    _, touts = unwrap_tree(dual_out, level)
+    flat_out, ospec = pytree.tree_flatten(out)
+    flat_t = pytree.tree_leaves(touts, is_leaf=lambda x: x is None)
+    wrapped = [Dual(o, t, level=level) if isinstance(o, torch.Tensor) and t is not None else o
+               for o, t in zip(flat_out, flat_t)]
+    return pytree.tree_unflatten(wrapped, ospec)
+
+
 def _apply(cls, *args, **kwargs):
-    if has_user_jvp(cls) and any(isinstance(x, Dual) for x in pytree.tree_leaves((args, kwargs))):
-        return _function_jvp(cls, args, kwargs)
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    if any(isinstance(x, Dual) for x in flat):
+        if has_user_jvp(cls):
+            return _function_jvp(cls, args, kwargs)
+        if torch.is_grad_enabled():
+            level = innermost_level(flat)
+            mine = [isinstance(x, Dual) and x._level == level for x in flat]
+            if any(m and (x.primal.requires_grad or (x.tangent is not None and x.tangent.requires_grad))
+                   for x, m in zip(flat, mine)):
+                return _function_with_history(cls, args, kwargs, flat, spec, level, mine)
     return _original_apply(cls, *args, **kwargs)
 
 

@@ -227,3 +227,53 @@ def test_an_op_with_only_a_backward_back_propagates():
     ref = torch.autograd.grad(_loss(out, t), [x, v, B])
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b)
+
+
+class _Cube(torch.autograd.Function):
+    """x ** 3 with a backward of its own (no jvp)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x ** 3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+class _Dropout(torch.autograd.Function):
+    """A random mask drawn in forward (no jvp): primal and tangent must share it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        mask = (torch.rand_like(x) > 0.5).to(x.dtype)
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.saved_tensors[0]
+
+
+def test_an_autograd_function_keeps_the_history_around_it():
+    # its backward attaches to the values the eager path records (before, it attached to
+    # the Dual wrappers, and the parameters before the Function got no gradient)
+    x = torch.randn(4, 3, dtype=D, requires_grad=True)
+    v = torch.randn(4, 3, dtype=D)
+    out, t = torch_fwd.jvp(_graph_break(lambda a: _Cube.apply(NET(a))), (x,), (v,))
+    assert torch_fwd.explain().startswith("eager")
+    ours = torch.autograd.grad(_loss(out, t), [x, *NET.parameters()])
+    ref = torch.autograd.grad(_loss(*torch.func.jvp(lambda a: NET(a) ** 3, (x,), (v,))), [x, *NET.parameters()])
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_an_autograd_function_draws_one_mask_for_value_and_tangent():
+    x = torch.rand(64, dtype=D, requires_grad=True) + 1
+    v = torch.rand(64, dtype=D) + 1
+    out, t = torch_fwd.jvp(lambda a: _Dropout.apply(a * 1), (x,), (v,), path="eager")
+    torch.testing.assert_close((out / x).detach(), t / v)
+    (g,) = torch.autograd.grad(out.sum(), [x])
+    torch.testing.assert_close(g, (out / x).detach())

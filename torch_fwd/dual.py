@@ -21,6 +21,7 @@ inner one, and the two perturbations never mix.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -242,6 +243,20 @@ class DualMode(TorchDispatchMode):
         return dispatch(func, args, kwargs, self, self.level)
 
 
+@contextlib.contextmanager
+def outside_mode(level):
+    """Code run as if this level's DualMode were not active (it is popped while the block
+    runs, when it is the innermost mode): plain tensors stay plain. (PyTorch's
+    _pop_mode_temporarily; without it, nothing is popped.)"""
+    from torch.utils import _python_dispatch as pd
+    top = pd._get_current_dispatch_mode() if hasattr(pd, "_get_current_dispatch_mode") else None
+    if isinstance(top, DualMode) and top.level == level and hasattr(pd, "_pop_mode_temporarily"):
+        with pd._pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
 def _mine(x, level):
     return isinstance(x, Dual) and x._level == level
 
@@ -311,13 +326,28 @@ def _split(full, level):
     return tuple(primals), tuple(tangents)
 
 
-def dispatch(func, args, kwargs, mode, level):
+def _dispatch_at(func, args, kwargs, mode, level):
     prev = _levels.handling
     _levels.handling = level
     try:
         return _dispatch(func, args, kwargs, mode, level)
     finally:
         _levels.handling = prev
+
+
+dispatch = _dispatch_at
+
+
+def hide_dispatch_from_dynamo():
+    """Once dynamo is in use (capture.ensure_compiler_imported, the backend): the dispatch
+    under ``torch.compiler.disable``. Under torch.compile dynamo considers every Python
+    frame run between its graphs, ours too: where a function on Duals runs eagerly (after
+    a graph break inside DistributedDataParallel's forward, say), it compiled the rules'
+    own frames as regions of the user's function. (Not at import: importing dynamo takes
+    a second; the wrapper costs ~0.3 us an op.)"""
+    global dispatch
+    if dispatch is _dispatch_at:
+        dispatch = torch.compiler.disable(_dispatch_at, recursive=True)
 
 
 def _dispatch(func, args, kwargs, mode, level):
