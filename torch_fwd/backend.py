@@ -67,7 +67,7 @@ import threading
 import torch
 
 from . import registry, triton_kernels
-from .dual import Dual, innermost_level
+from .dual import Dual, hide_dispatch_from_dynamo, innermost_level
 from .engine import building_for_autograd
 from .transform import build_jvp_graph, unbatched_tangents
 
@@ -152,6 +152,7 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     """The dynamo backend (see the module docstring). ``mode`` and ``options`` are
     torch.compile's, passed on to Inductor."""
     from torch._inductor.compile_fx import compile_fx
+    hide_dispatch_from_dynamo()
     patches = _config_patches(mode, options)
     if not any(isinstance(x, Dual) for x in example_inputs):
         return compile_fx(gm, example_inputs, config_patches=patches)

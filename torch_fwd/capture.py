@@ -101,6 +101,8 @@ def ensure_compiler_imported():
             import torch._subclasses.fake_tensor  # noqa: F401
             import torch.fx.experimental.proxy_tensor  # noqa: F401
             import torch.fx.passes.dialect.common.cse_pass  # noqa: F401
+            from .dual import hide_dispatch_from_dynamo
+            hide_dispatch_from_dynamo()
             _imported = True
 
 
