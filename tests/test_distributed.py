@@ -79,15 +79,19 @@ def _fresh(unused=False):
     return Net(unused).double()
 
 
-def scenario_jvp(rank, ddp_cls):
+def _jvp_step(net, ddp, rank, **options):
+    """One training step with torch_fwd.jvp of the DDP module in the loss."""
     import torch_fwd
-    net = _fresh()
-    ddp = ddp_cls(net)
     x, v = _batch(rank)
-    out, t = torch_fwd.jvp(lambda a: ddp(a), (x,), (v,))
+    out, t = torch_fwd.jvp(lambda a: ddp(a), (x,), (v,), **options)
     why = torch_fwd.explain()
     _loss(out, t).backward()
     return _grads(net), _reference(net), why
+
+
+def scenario_jvp(rank, ddp_cls):
+    net = _fresh()
+    return _jvp_step(net, ddp_cls(net), rank)
 
 
 def scenario_JVP_inputs(rank, ddp_cls):
@@ -115,25 +119,13 @@ def scenario_JVP_params(rank, ddp_cls):
 
 
 def scenario_compiled(rank, ddp_cls):
-    import torch_fwd
     net = _fresh()
-    ddp = ddp_cls(net)
-    x, v = _batch(rank)
-    out, t = torch_fwd.jvp(lambda a: ddp(a), (x,), (v,), compile=True)
-    why = torch_fwd.explain()
-    _loss(out, t).backward()
-    return _grads(net), _reference(net), why
+    return _jvp_step(net, ddp_cls(net), rank, compile=True)
 
 
 def scenario_find_unused_parameters(rank, ddp_cls):
-    import torch_fwd
     net = _fresh(unused=True)
-    ddp = ddp_cls(net, find_unused_parameters=True)
-    x, v = _batch(rank)
-    out, t = torch_fwd.jvp(lambda a: ddp(a), (x,), (v,))
-    why = torch_fwd.explain()
-    _loss(out, t).backward()
-    return _grads(net), _reference(net), why
+    return _jvp_step(net, ddp_cls(net, find_unused_parameters=True), rank)
 
 
 def scenario_static_graph(rank, ddp_cls):
