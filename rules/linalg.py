@@ -194,7 +194,8 @@ def _solve_each_direction(rhs, L, upper):
     and no copy of the factor expanded to K (for K = 64, n = 128 and a vector right-hand
     side, 125 us against 970 us for K batched solves)."""
     cols = rhs.movedim(0, -1)  # (..., n, m, K)
-    out = torch.cholesky_solve(cols.reshape(cols.shape[:-2] + (-1,)), L, upper)
+    # (the m x K columns counted, not -1: with n = 0 the reshape could not infer them)
+    out = torch.cholesky_solve(cols.reshape(cols.shape[:-2] + (cols.shape[-2] * cols.shape[-1],)), L, upper)
     return out.reshape(cols.shape).movedim(-1, 0)
 
 
@@ -347,6 +348,7 @@ TEST_CASES = [
          lambda: (randn(4, 2), torch.linalg.cholesky(_spd(4)) + torch.ones(4, 4, dtype=torch.float64).triu(1)),
          check_torch_func=False),
     case("cholesky_solve", lambda b, l: torch.cholesky_solve(b, l), lambda: (randn(4, 2), _tri(4)), check_torch_func=False),
+    case("cholesky_solve_empty", lambda b, l: torch.cholesky_solve(b, l), lambda: (randn(0, 2), randn(0, 0))),
     case("cholesky_solve_batched_factor", lambda b, l: torch.cholesky_solve(b, l),
          lambda: (randn(2, 4, 3), torch.stack([_tri(4), _tri(4)])), check_torch_func=False),
     case("cholesky_solve_batched_rhs_one_factor", lambda b, l: torch.cholesky_solve(b, l),
