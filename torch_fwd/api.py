@@ -548,7 +548,15 @@ def _eager(func, flat_p, ts, spec, chunk, has_aux, dual_mode=True):
         args, targs = tuple(flat_p), tuple(cloned)
     else:
         args, targs = pytree.tree_unflatten(flat_p, spec), pytree.tree_unflatten(cloned, spec)
-    raw, traw = run_with_duals(func, args, {}, targs, {}, dual_mode)
+    try:
+        raw, traw = run_with_duals(func, args, {}, targs, {}, dual_mode)
+    except RuntimeError as e:
+        if "resize_() on an invalid python storage" in str(e):
+            raise RuntimeError(
+                "torch_fwd: the function resized the storage of a tensor made while it ran, as FSDP2's "
+                "fully_shard does to free and regather its parameters; the eager path's tensors hold their "
+                "values in a wrapper without storage of its own, so FSDP2 is not supported yet (DDP is).") from e
+        raise
     res, aux = _split_aux(raw, has_aux)
     tres = traw[0] if has_aux else traw
     flat_t = [tres] if type(res) is torch.Tensor else pytree.tree_leaves(tres, is_leaf=lambda x: x is None)
