@@ -62,11 +62,7 @@ class _JvpCtx:
 
 
 
-def _function_jvp(cls, args, kwargs):
-    flat, spec = pytree.tree_flatten((args, kwargs))
-    # the innermost level acts; Duals of enclosing levels are its constants
-    level = innermost_level(flat)
-    mine = [isinstance(x, Dual) and x._level == level for x in flat]
+def _function_jvp(cls, flat, spec, level, mine):
     chunk = next(x._chunk for x, m in zip(flat, mine) if m and x._chunk is not None)
     primals = [x.primal if m else x for x, m in zip(flat, mine)]
     tangents = [x.tangent if m else None for x, m in zip(flat, mine)]
@@ -131,15 +127,16 @@ def _function_with_history(cls, args, kwargs, flat, spec, level, mine):
 
 def _apply(cls, *args, **kwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
-    if any(isinstance(x, Dual) for x in flat):
+    # the innermost level acts; Duals of enclosing levels are its constants
+    level = innermost_level(flat)
+    if level:
+        mine = [isinstance(x, Dual) and x._level == level for x in flat]
         if has_user_jvp(cls):
-            return _function_jvp(cls, args, kwargs)
-        if torch.is_grad_enabled():
-            level = innermost_level(flat)
-            mine = [isinstance(x, Dual) and x._level == level for x in flat]
-            if any(m and (x.primal.requires_grad or (x.tangent is not None and x.tangent.requires_grad))
-                   for x, m in zip(flat, mine)):
-                return _function_with_history(cls, args, kwargs, flat, spec, level, mine)
+            return _function_jvp(cls, flat, spec, level, mine)
+        if torch.is_grad_enabled() and any(
+                m and (x.primal.requires_grad or (x.tangent is not None and x.tangent.requires_grad))
+                for x, m in zip(flat, mine)):
+            return _function_with_history(cls, args, kwargs, flat, spec, level, mine)
     return _original_apply(cls, *args, **kwargs)
 
 

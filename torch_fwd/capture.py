@@ -25,6 +25,7 @@ import types
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 
 from . import registry
@@ -396,7 +397,6 @@ class GuardedCapture:
 
 
 def _has_non_tensor_leaf(out) -> bool:
-    import torch.utils._pytree as pytree
     return any(not isinstance(x, torch.Tensor) for x in pytree.tree_leaves(out))
 
 

@@ -99,7 +99,7 @@ class Dual(torch.Tensor):
     @property
     def tangent(self) -> torch.Tensor | None:
         t = self._tangent
-        if t is None and self._view_of is not None and self._view_of is not _UNTRACKED:
+        if t is None and self._view_of is not None:
             base, derive = self._view_of
             bt = base.tangent
             if bt is not None:
@@ -112,8 +112,6 @@ class Dual(torch.Tensor):
         t = self.tangent
         if t is not None:
             return t
-        if self._view_of is _UNTRACKED:
-            raise _untracked_write("a view of a tensor")
         if self._view_of is not None:
             base, derive = self._view_of
             t = derive(base.ensure_tangent(chunk))
@@ -288,10 +286,6 @@ def _chunk_of(full, mode, level):
     return None
 
 
-# The base of a view of a tensor torch_fwd does not track: it can carry no tangent, so a
-# tangent written through the view would be lost (Dual.ensure_tangent refuses it).
-_UNTRACKED = ("untracked",)
-
 # Ops that alias their input but must not carry its tangent.
 _TANGENT_DROPPING_VIEWS = {aten.detach.default}
 
@@ -353,8 +347,15 @@ def hide_dispatch_from_dynamo():
 def _dispatch(func, args, kwargs, mode, level):
     full = registry.normalize(func, args, kwargs)
     primals, tangents = _split(full, level)
-    inplace_view, mutable, view, alias = _op_facts(func)
-    if _grad_enabled():
+    facts = _op_facts(func)
+    inplace_view, mutable, view, alias = facts
+    if alias and not _mine(full[0], level):
+        # An alias (a view, detach) of a tensor this level does not track is that tensor's
+        # memory, plain: a wrapper would hide the memory from whatever reads it (numpy()),
+        # a tangent written into it is refused as one written into the tensor itself, and
+        # autograd above this dispatch records it as it would without torch_fwd.
+        return jvp_op(func, primals, tangents)[0]
+    if _grad_enabled() and innermost_level(primals) == 0:
         # Autograd records what the rule does on the primals and tangents (plain tensors:
         # PyTorch runs __torch_dispatch__ below autograd, which is re-entered for it), so
         # outputs and tangents back-propagate. Views and in-place ops are recorded even on
@@ -362,30 +363,17 @@ def _dispatch(func, args, kwargs, mode, level):
         # later, and autograd must know the view to carry it to the base. (On an enclosing
         # level's Duals, that level's dispatch records when the rule reaches their primals.)
         grad = _requires_grad(primals, tangents)
-        # (an alias of a tensor this level does not track comes back plain, below: autograd
-        # above this dispatch records it as it would without torch_fwd)
-        if (grad or alias or mutable) and not _holds_dual(primals) and not (alias and not _mine(full[0], level)):
+        if grad or alias or mutable:
             with above_dispatch(), building_for_autograd(grad or for_autograd()):
-                return _dispatch_op(func, args, kwargs, full, primals, tangents, mode, level,
-                                    inplace_view, mutable, view, alias)
-    return _dispatch_op(func, args, kwargs, full, primals, tangents, mode, level, inplace_view, mutable, view, alias)
+                return _apply_rule(func, args, kwargs, full, primals, tangents, mode, level, facts)
+    return _apply_rule(func, args, kwargs, full, primals, tangents, mode, level, facts)
 
 
 _grad_enabled = torch._C.is_grad_enabled
 
 
-def _holds_dual(primals) -> bool:
-    for x in primals:
-        if isinstance(x, Dual):
-            return True
-        if isinstance(x, (list, tuple)):
-            for y in x:
-                if isinstance(y, Dual):
-                    return True
-    return False
-
-
-def _dispatch_op(func, args, kwargs, full, primals, tangents, mode, level, inplace_view, mutable, view, alias):
+def _apply_rule(func, args, kwargs, full, primals, tangents, mode, level, facts):
+    inplace_view, mutable, view, _ = facts
     if inplace_view:
         return _inplace_view(func, args, kwargs, full, primals, level)
     if mutable and registry.resolve(func)[0] is None:
@@ -393,16 +381,7 @@ def _dispatch_op(func, args, kwargs, full, primals, tangents, mode, level, inpla
         # inside the rule by calling the op itself)
         return _mutating(func, full, primals, tangents, mode, level)
     out, tout = jvp_op(func, primals, tangents)
-    if alias and tout is None and not _mine(full[0], level):
-        # an alias (a view, detach) of a tensor this level does not track is that tensor's
-        # memory, plain: a wrapper would hide the memory from whatever reads it (numpy()),
-        # and a tangent written into it is refused like one written into the tensor itself
-        return out
-    view_base = None
-    if view and isinstance(full[0], torch.Tensor):
-        # a view of a tensor torch_fwd does not track (a global, a buffer) stays untracked
-        view_base = full[0] if _mine(full[0], level) else _UNTRACKED
-    return _wrap(func, out, tout, mode, view_base, primals, level)
+    return _wrap(func, out, tout, mode, full[0] if view else None, primals, level)
 
 
 def _on_wrapper_metadata(func, args, kwargs):
@@ -440,7 +419,7 @@ def _inplace_view(func, args, kwargs, full, primals, level):
     _on_wrapper_metadata(func, args, kwargs or {})
     if t is not None:
         self_._tangent = reshaped(t)
-    if self_._view_of is not None and self_._view_of is not _UNTRACKED:
+    if self_._view_of is not None:
         base, derive = self_._view_of
         self_._view_of = (base, lambda bt, derive=derive: reshaped(derive(bt)))
     return self_
@@ -464,11 +443,7 @@ def _requires_grad(*trees) -> bool:
 
 def _wrap(func, out, tout, mode, view_base, primals, level, index=None):
     if isinstance(out, torch.Tensor):
-        view_of = None
-        if view_base is _UNTRACKED:
-            view_of = _UNTRACKED
-        elif view_base is not None:
-            view_of = (view_base, _view_deriver(func, primals, index))
+        view_of = None if view_base is None else (view_base, _view_deriver(func, primals, index))
         if tout is None and mode is None and view_of is None:
             return out
         if tout is None and not is_differentiable(out):
@@ -489,10 +464,8 @@ def _view_deriver(func, primals, index):
     def derive(base_tangent):
         # (a view autograd tracks, in grad mode: a value written through it later must
         # reach the base tangent's history too; derive may run inside a dispatch)
-        if _grad_enabled() and not isinstance(base_tangent, Dual):
-            with above_dispatch():
-                _, t = jvp_op(func, (primals[0],) + rest, (base_tangent,) + tangents_rest)
-        else:
+        recorded = _grad_enabled() and not isinstance(base_tangent, Dual)
+        with above_dispatch() if recorded else contextlib.nullcontext():
             _, t = jvp_op(func, (primals[0],) + rest, (base_tangent,) + tangents_rest)
         return t if index is None else t[index]
     return derive
@@ -556,10 +529,10 @@ def _mutating(func, full, primals, tangents, mode, level):
         raise registry.NoRuleError(
             f"torch_fwd: in-place/out= op {func} has no functional counterpart to take its rule "
             f"from.\n  at {user_source_line()}")
-    if _grad_enabled() and _requires_grad(primals, tangents):
+    if for_autograd():
         # autograd may save what the rule reads for its backward, and the write below
         # changes the targets in place: the rule reads copies of them (as autograd keeps
-        # the original self of an in-place op that needs it)
+        # the original self of an in-place op that needs it), in both paths
         primals, tangents = _copies_of(written, primals), _copies_of(written, tangents)
     out, tout = jvp_op(fop, tuple(primals[i] for i in keep), tuple(tangents[i] for i in keep))
     outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -599,12 +572,9 @@ def _write(func, target, value, tvalue, chunk, level):
     if isinstance(value, torch.Tensor) and tuple(target.shape) != tuple(value.shape):
         _resize_out(func, target, value.shape, level)
     if _mine(target, level):
-        if tvalue is not None and target._view_of is _UNTRACKED:
-            raise _untracked_write("a view of a tensor")
         target.primal.copy_(value)
-        # (identity tests: `in` would compare the view's base, a tensor, with the marker)
         view_of = target._view_of
-        if view_of is not None and view_of is not _UNTRACKED and target.tangent is not None:
+        if view_of is not None and target.tangent is not None:
             base = view_of[0]
             if base.tangent is not None and not shares_storage(target.tangent, base.tangent):
                 raise RuntimeError(
@@ -619,15 +589,11 @@ def _write(func, target, value, tvalue, chunk, level):
             target.ensure_tangent(chunk).copy_(tvalue)
         return
     if tvalue is not None:  # refused before anything is written
-        raise _untracked_write("a tensor")
+        raise RuntimeError(
+            f"torch_fwd: an in-place write puts a value that has a tangent into a tensor (or a view of one) "
+            f"torch_fwd does not track (from outside the differentiated function, e.g. a global or a module "
+            f"buffer); its tangent would be lost.\n  at {user_source_line()}")
     target.copy_(value)
-
-
-def _untracked_write(what):
-    return RuntimeError(
-        f"torch_fwd: an in-place write puts a value that has a tangent into {what} torch_fwd does not "
-        f"track (from outside the differentiated function, e.g. a global or a module buffer); its "
-        f"tangent would be lost.\n  at {user_source_line()}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -107,38 +107,57 @@ def any_active(tangents) -> bool:
     return False
 
 
-def _fix_tangent(op, out, tout, k=None):
-    """Drop tangents of non-differentiable outputs and check shapes, so that a faulty
-    rule fails here, loudly, instead of producing a wrong answer downstream. A library
-    rule may give a tangent of lower rank, broadcast after the K directions (``k``, when
-    known, is checked), never into them."""
+def _fix_tangent(op, out, tout, k, user_rule=None, where=None):
+    """The rule's tangents checked against the op's outputs (K = ``k`` directions), so that
+    a faulty rule fails here, loudly, instead of producing a wrong answer downstream;
+    tangents of non-differentiable outputs dropped. A library rule may give a tangent of
+    lower rank, broadcast after the K directions, never into them. A user's rule
+    (``user_rule``) must give (K, *output.shape) exactly (output.shape with one direction:
+    its K is added): a broadcast could hide its mistake (a tangent that dropped K where K
+    equals the output's size), which is a ValueError naming it."""
     if tout is None:
         return None
+    what = "the output" if where is None else f"output {where}"
     if isinstance(out, torch.Tensor):
         if not is_differentiable(out):
             return None
         if not isinstance(tout, torch.Tensor):
-            raise RuntimeError(f"frule for {op} returned a {type(tout).__name__} tangent for a tensor output")
-        if tout.dim() == 0 or (k is not None and tout.shape[0] != k):
-            raise RuntimeError(
-                f"torch_fwd internal error: the rule for {op} returned a tangent of shape {tuple(tout.shape)} "
-                f"for an output of shape {tuple(out.shape)} with K = {k}; please report this with the function")
-        if tout.shape[1:] != out.shape:
-            try:
-                # a lower-rank tangent broadcasts after the chunk dim, never into it
-                tout = align(tout, out.dim()).expand((tout.shape[0],) + tuple(out.shape))
-            except RuntimeError:
-                raise RuntimeError(
-                    f"frule for {op} returned a tangent of shape {tuple(tout.shape)} for an output of "
-                    f"shape {tuple(out.shape)} (expected (K, *output.shape))") from None
-        if tout.dtype != out.dtype:
-            tout = tout.to(out.dtype)
-        return tout
+            raise _rule_error(TypeError, op, user_rule, f"returned a {type(tout).__name__} as the tangent of {what}")
+        expected = (k,) + tuple(out.shape)
+        if tout.shape != expected:
+            if user_rule is not None and k == 1 and tout.shape == out.shape:
+                tout = tout.unsqueeze(0)
+            elif user_rule is not None or tout.dim() == 0 or tout.shape[0] != k:
+                raise _rule_error(ValueError, op, user_rule,
+                                  f"returned a tangent of shape {tuple(tout.shape)} for {what}, of shape "
+                                  f"{tuple(out.shape)}; expected {expected}: the K = {k} directions first, then "
+                                  f"the output's shape")
+            else:
+                try:
+                    tout = align(tout, out.dim()).expand(expected)
+                except RuntimeError:
+                    raise _rule_error(ValueError, op, None, f"returned a tangent of shape {tuple(tout.shape)} "
+                                                            f"for {what}, of shape {tuple(out.shape)}") from None
+        return tout if tout.dtype == out.dtype else tout.to(out.dtype)
     if isinstance(out, (tuple, list)):
         if not isinstance(tout, (tuple, list)) or len(tout) != len(out):
-            raise RuntimeError(f"frule for {op} returned tangents that do not mirror its {len(out)} outputs")
-        return tuple(_fix_tangent(op, o, t, k) for o, t in zip(out, tout))
+            raise _rule_error(TypeError, op, user_rule, f"returned tangents that do not mirror its {len(out)} outputs")
+        return tuple(_fix_tangent(op, o, t, k, user_rule, i) for i, (o, t) in enumerate(zip(out, tout)))
     return None
+
+
+def _rule_error(kind, op, user_rule, what):
+    """A user's rule's mistake, naming the rule and the user's line; a library rule's, as
+    ours (a RuntimeError asking for a report)."""
+    if user_rule is None:
+        return RuntimeError(f"torch_fwd internal error: the rule for {op} {what}; please report this with the "
+                            f"function")
+    name = getattr(user_rule, "__qualname__", None) or repr(user_rule)
+    code = getattr(user_rule, "__code__", None)
+    if code is not None:
+        name = f"{name} ({code.co_filename}:{code.co_firstlineno})"
+    return kind(f"torch_fwd: {name}, the rule for {op}, {what} (tangents are never broadcast)\n"
+                f"  at {user_source_line()}")
 
 
 def jvp_op(op, primals: tuple, tangents: tuple):
@@ -151,9 +170,8 @@ def jvp_op(op, primals: tuple, tangents: tuple):
     # (linear rules, dy = op(dx), are marked complex_safe and do apply; user rules always do).
     if rule is not None and (complex_ok or not _any_complex(primals)):
         out, tout = rule(primals, tangents)
-        if complex_ok and registry.is_user_rule(op):
-            return out, _checked_user_tangent(op, rule, out, tout, _chunk(tangents))
-        return out, _fix_tangent(op, out, tout, _chunk(tangents))
+        user = complex_ok and registry.is_user_rule(op)
+        return out, _fix_tangent(op, out, tout, _chunk(tangents), rule if user else None)
     return _fallback(op, primals, tangents)
 
 
@@ -165,45 +183,6 @@ def _chunk(tangents) -> int:
         if t is not None:
             return t.shape[0]
     raise AssertionError("no active tangent")
-
-
-def _checked_user_tangent(op, rule, out, tout, k, where=None):
-    """A user rule's tangents as given, each of shape (K, *output.shape) (or, with one
-    direction, output.shape: its K is added), else a ValueError naming the rule: no
-    broadcast that could hide a wrong shape (a rule that dropped K when K equals the
-    output's size would broadcast into a plausible wrong tangent)."""
-    if tout is None:
-        return None
-    if isinstance(out, torch.Tensor):
-        if not is_differentiable(out):
-            return None
-        what = "the output" if where is None else f"output {where}"
-        if not isinstance(tout, torch.Tensor):
-            raise TypeError(f"torch_fwd: {_rule_name(rule)}, the rule for {op}, returned a {type(tout).__name__} "
-                            f"as the tangent of {what} (a tensor)\n  at {user_source_line()}")
-        expected = (k,) + tuple(out.shape)
-        if tuple(tout.shape) != expected:
-            if k == 1 and tout.shape == out.shape:
-                tout = tout.unsqueeze(0)
-            else:
-                raise ValueError(
-                    f"torch_fwd: {_rule_name(rule)}, the rule for {op}, returned a tangent of shape "
-                    f"{tuple(tout.shape)} for {what}, of shape {tuple(out.shape)}; expected {expected}: "
-                    f"the K = {k} directions first, then the output's shape (tangents are never broadcast)"
-                    f"\n  at {user_source_line()}")
-        return tout if tout.dtype == out.dtype else tout.to(out.dtype)
-    if isinstance(out, (tuple, list)):
-        if not isinstance(tout, (tuple, list)) or len(tout) != len(out):
-            raise TypeError(f"torch_fwd: {_rule_name(rule)}, the rule for {op}, returned tangents that do not "
-                            f"mirror its {len(out)} outputs\n  at {user_source_line()}")
-        return tuple(_checked_user_tangent(op, rule, o, t, k, i) for i, (o, t) in enumerate(zip(out, tout)))
-    return None
-
-
-def _rule_name(rule) -> str:
-    name = getattr(rule, "__qualname__", None) or repr(rule)
-    code = getattr(rule, "__code__", None)
-    return f"{name} ({code.co_filename}:{code.co_firstlineno})" if code is not None else name
 
 
 def without_rule(op, primals, tangents):
@@ -281,7 +260,7 @@ def _fallback(op, primals, tangents):
         except NoRuleError:
             res = (NotImplemented, None)  # a part has no rule: try the op's own formula
         if res[0] is not NotImplemented:
-            return res[0], _fix_tangent(op, res[0], res[1])
+            return res[0], _fix_tangent(op, res[0], res[1], _chunk(tangents))
     if isinstance(op, OpOverload) and op.namespace == "aten" and op not in KNOWN_WRONG_FORWARD_AD:
         res = _forward_ad(op, primals, tangents)
         if res is not None:
@@ -428,10 +407,18 @@ def _double_vjp(op, primals, tangents):
     if not _has_backward(op) or _holds_dual(primals):
         # (on an enclosing level's Duals, detach() would drop that level's tangents)
         return None
+    # Back-propagated through: on the eager path, which records autograd history, the
+    # identity is built on the primals themselves and kept differentiable, never detached.
+    # A graph traced for autograd (without grad, by make_fx) would record the detaches and
+    # cut the history: refused, loudly (path="auto" then runs the eager path).
+    keep = for_autograd()
+    if keep and not torch.is_grad_enabled():
+        raise NoRuleError(
+            f"torch_fwd: {op} has no forward rule; its tangent comes from its backward (the double-vjp "
+            f"identity), which a JVP graph that autograd will differentiate cannot carry. The eager path "
+            f"can (path='auto' or 'eager'; make_jvp_graph(..., for_autograd=False) where nothing "
+            f"back-propagates), or register a rule.\n  at {user_source_line()}")
     slots = _active_slots(primals, tangents)
-    # back-propagated through (the eager path recording autograd history): the identity is
-    # built on the primals themselves and kept differentiable, never detached
-    keep = for_autograd() and torch.is_grad_enabled()
     with above_dispatch(), torch.enable_grad():
         leaves = [p if keep and p.requires_grad else p.detach().requires_grad_(True)
                   for p in (_get(primals, s) for s in slots)]
