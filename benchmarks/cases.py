@@ -71,3 +71,56 @@ def large_single_block(x, n_ops=100):
     for i in range(n_ops // 2):
         a, b = a * b, b * 0.999 + a * 1e-3
     return a.sum() + b.sum()
+
+
+# Functions with graph breaks: dynamo cannot capture them in one graph, so jvp's default
+# path runs them region by region. Each is a few layers on either side of the break.
+
+def _layer(W, x):
+    return torch.tanh(W @ x) + 0.1 * x
+
+
+def break_branch(W, x):
+    """A branch on a tensor's value."""
+    h = _layer(W, _layer(W, x))
+    if h.norm() > 1.0:
+        h = h / h.norm()
+    return _layer(W, _layer(W, h)).sum()
+
+
+def break_print(W, x):
+    """A print (of nothing: the graph break is the point, not the output)."""
+    h = _layer(W, _layer(W, x))
+    print(end="")
+    return _layer(W, _layer(W, h)).sum()
+
+
+def break_numpy(W, x):
+    """A NumPy call on a value."""
+    import numpy as np
+    h = _layer(W, _layer(W, x))
+    scale = float(np.abs(h.detach().numpy()).max())
+    return _layer(W, _layer(W, h / scale)).sum()
+
+
+def break_item(W, x):
+    """``.item()`` used as a Python scalar."""
+    h = _layer(W, _layer(W, x))
+    s = h.abs().max().item()
+    return _layer(W, _layer(W, h * (1.0 / s))).sum()
+
+
+def _fixed_point_step(W, x, h):
+    return torch.tanh(W @ h + x)
+
+
+def iterate_to_tolerance(W, x):
+    """The fixed point of h = tanh(W h + x), iterated until the update is small (W is a
+    contraction): a loop whose length depends on the values."""
+    h = torch.zeros_like(x)
+    for _ in range(100):
+        h_new = _fixed_point_step(W, x, h)
+        if (h_new - h).abs().max() < 1e-6:
+            return h_new.sum()
+        h = h_new
+    return h.sum()

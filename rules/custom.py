@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.autograd.function import _is_setup_context_defined
 
-from torch_fwd.dual import Dual, innermost_level, outside_mode, unwrap_tree
+from torch_fwd.dual import Dual, innermost_level, on_dynamo_use, outside_mode, unwrap_tree
 
 from ._cases import case, randn
 
@@ -130,14 +130,32 @@ def _apply(cls, *args, **kwargs):
     # the innermost level acts; Duals of enclosing levels are its constants
     level = innermost_level(flat)
     if level:
-        mine = [isinstance(x, Dual) and x._level == level for x in flat]
-        if has_user_jvp(cls):
-            return _function_jvp(cls, flat, spec, level, mine)
-        if torch.is_grad_enabled() and any(
-                m and (x.primal.requires_grad or (x.tangent is not None and x.tangent.requires_grad))
-                for x, m in zip(flat, mine)):
-            return _function_with_history(cls, args, kwargs, flat, spec, level, mine)
+        return _on_duals(cls, args, kwargs, flat, spec, level)
     return _original_apply(cls, *args, **kwargs)
+
+
+def _apply_on_duals(cls, args, kwargs, flat, spec, level):
+    mine = [isinstance(x, Dual) and x._level == level for x in flat]
+    if has_user_jvp(cls):
+        return _function_jvp(cls, flat, spec, level, mine)
+    if torch.is_grad_enabled() and any(
+            m and (x.primal.requires_grad or (x.tangent is not None and x.tangent.requires_grad))
+            for x, m in zip(flat, mine)):
+        return _function_with_history(cls, args, kwargs, flat, spec, level, mine)
+    return _original_apply(cls, *args, **kwargs)
+
+
+_on_duals = _apply_on_duals
+
+
+def _hide_from_dynamo():
+    # a Function applied to Duals between two graphs runs as the eager path runs it;
+    # dynamo tracing this code (resume functions inside fork_rng) mixed up DDP's frames
+    global _on_duals
+    _on_duals = torch.compiler.disable(_apply_on_duals, recursive=True)
+
+
+on_dynamo_use(_hide_from_dynamo)
 
 
 # Function.apply is a Python classmethod; wrapping it is the one hook PyTorch offers before

@@ -95,19 +95,22 @@ def _ours(f, x, v, chunked, **kw):
     return _loss(out, t)
 
 
+@pytest.mark.parametrize("path", ["eager", "auto"], ids=["eager", "regions"])
 @pytest.mark.parametrize("chunked", [False, True], ids=["K1", "K3"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_gradients_of_a_loss_over_the_eager_path(name, chunked):
+def test_gradients_of_a_loss_over_the_eager_path(name, chunked, path):
+    # (auto: the graph break makes the function run region by region, the Python between
+    # regions on Duals as the eager path runs it)
     f = CASES[name]
     torch.manual_seed(1)
     x = torch.randn(3, 3, dtype=D, requires_grad=True)
     v = torch.randn((3, 3, 3) if chunked else (3, 3), dtype=D, requires_grad=True)
     leaves = [x, v, *_params()]
-    loss = _ours(f, x, v, chunked)
-    assert torch_fwd.explain().startswith("eager")
+    loss = _ours(f, x, v, chunked, path=path)
+    assert torch_fwd.explain().startswith("eager" if path == "eager" else "regions"), torch_fwd.explain()
     grads = torch.autograd.grad(loss, leaves, allow_unused=True)
 
-    if name not in STOP_GRADIENT:
+    if name not in STOP_GRADIENT and path == "eager":  # (the two paths are compared below)
         _check_against_finite_differences(f, x, v, chunked, leaves, grads)
     if name not in TORCH_FUNC_WRONG:
         _check_against_torch_func(f, x, v, chunked, leaves, grads)
@@ -262,7 +265,7 @@ def test_an_autograd_function_keeps_the_history_around_it():
     # the Dual wrappers, and the parameters before the Function got no gradient)
     x = torch.randn(4, 3, dtype=D, requires_grad=True)
     v = torch.randn(4, 3, dtype=D)
-    out, t = torch_fwd.jvp(_graph_break(lambda a: _Cube.apply(NET(a))), (x,), (v,))
+    out, t = torch_fwd.jvp(_graph_break(lambda a: _Cube.apply(NET(a))), (x,), (v,), path="eager")
     assert torch_fwd.explain().startswith("eager")
     ours = torch.autograd.grad(_loss(out, t), [x, *NET.parameters()])
     ref = torch.autograd.grad(_loss(*torch.func.jvp(lambda a: NET(a) ** 3, (x,), (v,))), [x, *NET.parameters()])

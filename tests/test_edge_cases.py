@@ -81,14 +81,15 @@ def test_eager_path_records_autograd_history():
     x = torch.randn(4, 3, dtype=D, requires_grad=True)
     v = torch.randn(4, 3, dtype=D, requires_grad=True)
     grads = []
-    for jvp in (torch_fwd.jvp, torch.func.jvp):
+    for jvp in (lambda *a: torch_fwd.jvp(*a, path="eager"), torch_fwd.jvp, torch.func.jvp):
         out, t = jvp(f, (x,), (v,))
-        if jvp is torch_fwd.jvp:
-            assert torch_fwd.explain().startswith("eager")
+        if jvp is not torch.func.jvp:
+            assert torch_fwd.explain().startswith(("eager", "regions"))
         loss = (out * t).sum() + (t ** 2).sum()
         grads.append(torch.autograd.grad(loss, [x, v, lin.weight, lin.bias]))
-    for ours, ref in zip(*grads):
-        torch.testing.assert_close(ours, ref)
+    for ours_eager, ours_regions, ref in zip(*grads):
+        torch.testing.assert_close(ours_eager, ref)
+        torch.testing.assert_close(ours_regions, ref)
     with torch.no_grad():
         _, t = torch_fwd.jvp(f, (x,), (v,))
     assert t.grad_fn is None

@@ -295,3 +295,45 @@ def test_the_users_exception_reaches_them_as_raised(path, compile):
 def test_a_function_returning_a_python_number_is_told_so(path):
     with pytest.raises(TypeError, match="func must return tensors .* output leaf 0 is a float"):
         torch_fwd.jvp(lambda a: 1.5, (rand(3),), (rand(3),), path=path)
+
+
+# ---------------------------------------------------------------------------------------
+# 8. torch.no_grad() inside a function whose outputs autograd differentiates
+# ---------------------------------------------------------------------------------------
+
+W_NG = torch.randn(3, 3, dtype=D, requires_grad=True)
+
+
+def _no_grad_inside(x):
+    with torch.no_grad():
+        s = (x * W_NG.sum()).sum()
+    return x * s + x @ W_NG
+
+
+def _no_grad_inside_with_break(x):
+    if x.sum() > -1e6:
+        return _no_grad_inside(x)
+    return x
+
+
+@pytest.mark.parametrize("fn", [_no_grad_inside, _no_grad_inside_with_break], ids=["one_graph", "regions"])
+@pytest.mark.parametrize("options", [{}, {"compile": True}], ids=["auto", "compiled"])
+def test_no_grad_inside_is_kept_when_autograd_differentiates(fn, options):
+    # the graphs' ATen lowering drops grad-mode switches: the part the user excluded was
+    # differentiated (gradients 2-6x too large) until such graphs went to the eager path
+    x = torch.randn(3, 3, dtype=D, requires_grad=True)
+    v = torch.randn(3, 3, dtype=D, requires_grad=True)
+    out, t = torch_fwd.jvp(fn, (x,), (v,), **options)
+    ours = torch.autograd.grad((out ** 2).sum() + (t ** 2).sum(), [x, v, W_NG])
+    out, t = torch.func.jvp(fn, (x,), (v,))
+    ref = torch.autograd.grad((out ** 2).sum() + (t ** 2).sum(), [x, v, W_NG])
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_no_grad_inside_on_the_graph_path_is_refused_by_name():
+    x = torch.randn(3, 3, dtype=D, requires_grad=True)
+    with pytest.raises(RuntimeError, match="grad mode"):
+        torch_fwd.jvp(_no_grad_inside, (x,), (torch.randn(3, 3, dtype=D),), path="graph")
+    with torch.no_grad():  # nothing to differentiate: the graph path serves it
+        torch_fwd.jvp(lambda a: _no_grad_inside(a), (x,), (torch.randn(3, 3, dtype=D),), path="graph")

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import threading
 
 import torch
 import torch.utils._pytree as pytree
 
-from .backend import compiled_regions, jvp_patches, reset_regions, torch_fwd_backend
+from .backend import (compiled_regions, graph_regions_backend, jvp_patches, quiet_dynamo, reset_regions,
+                      torch_fwd_backend)
 from .capture import (TRACE_LOCK, CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, ensure_compiler_imported,
-                      guard_settings, to_aten)
-from .dual import Dual, run_with_duals
+                      guard_settings, regions_settings, to_aten)
+from .dual import Dual, UntrackedWrite, breaking_untracked_writes, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .engine import building_for_autograd
 from .transform import build_jvp_graph
@@ -229,6 +231,8 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
                 raise RuntimeError(f"jvp(path='graph'): the function could not be captured: {e}") from None
             elif e.nested_jvp:
                 why = "eager (the function calls jvp, which dynamo cannot capture)"
+            elif e.regions:
+                out, why = _graph_regions(func, flat_p, ts, spec, chunk, has_aux, e)
             else:
                 why = f"eager ({e})"
     else:
@@ -326,20 +330,86 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     eager path's machinery without its DualMode (a dispatch mode makes dynamo skip every
     frame)."""
     cf = _compiled_for(func, opts)
+    out, (n, eager) = _on_duals(cf, guard_settings, not opts.get("fullgraph"), flat_p, ts, spec, chunk, has_aux)
+    if not eager and n:
+        why = f"compiled ({n} region{'s' if n > 1 else ''})"
+    elif n:
+        why = f"compiled ({n} region{'s' if n > 1 else ''}; {len(eager)} ran eagerly: {'; '.join(eager)})"
+    else:
+        why = "eager (torch.compile compiled no region with tangents" + (f": {'; '.join(eager)})" if eager else ")")
+    return out, why
 
+
+def _graph_regions(func, flat_p, ts, spec, chunk, has_aux, failure):
+    """path="auto" for a function dynamo cannot capture in one graph (``failure`` says
+    why): dynamo captures it region by region between its graph breaks
+    (backend.graph_regions_backend), each region's JVP graph runs through the graph path's
+    runner, and only the Python between regions runs, on Duals, through the eager path's
+    rules. Errors inside dynamo run that frame eagerly (``suppress_errors``); a frame dynamo
+    skips runs on its Duals: every part of the function carries its tangents."""
+    def make(_key):
+        ensure_compiler_imported()
+        return _Regions(torch.compile(func, backend=graph_regions_backend))
+    regions = _cached(("regions", func), make)
+    reason = " ".join(str(failure).split())[:200]
+    sig = _signature(flat_p, chunk)
+    if sig in regions.failed:
+        return _eager(func, flat_p, ts, spec, chunk, has_aux), f"eager ({regions.failed[sig]}): {reason}"
+    try:
+        out, (n, eager) = _on_duals(regions.compiled, regions_settings, False, flat_p, ts, spec, chunk, has_aux,
+                                    quiet=quiet_dynamo)
+    except Exception as e:
+        # Two failures that are the region-by-region run's own: dynamo failing (a few of its
+        # refusals escape suppress_errors), and a frame dynamo ran uncompiled writing a
+        # value with a tangent into a tensor it made (untracked there: no DualMode under
+        # dynamo). Before any region ran, the eager path runs the function instead (and
+        # for calls like it; an UntrackedWrite that is the user's own it raises again);
+        # after, the user's code may have run, and is not run twice.
+        if not (_is_dynamo_error(e) or isinstance(e, UntrackedWrite)):
+            raise
+        if compiled_regions()[0]:
+            raise RuntimeError(
+                f"jvp: running the function region by region failed after a region had run:\n  "
+                f"{' '.join(str(e).split())[:800]}\nRun it with path='eager'.") from e
+        regions.failed[sig] = f"region by region failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        return _eager(func, flat_p, ts, spec, chunk, has_aux), f"eager ({regions.failed[sig]}): {reason}"
+    if n:
+        why = (f"regions ({n} graph{'s' if n > 1 else ''} run by the graph path, the Python between them "
+               f"eagerly{'; ' + str(len(eager)) + ' ran eagerly: ' + '; '.join(eager) if eager else ''}): "
+               f"not one graph because {reason}")
+    else:
+        why = f"eager (no region captured{': ' + '; '.join(eager) if eager else ''}): {reason}"
+    return out, why
+
+
+class _Regions:
+    """A function under torch.compile with graph_regions_backend, and the signatures
+    (api._signature) for which dynamo failed outright: those run eagerly."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.failed: dict = {}
+
+
+def _on_duals(cf, settings, breaks, flat_p, ts, spec, chunk, has_aux, quiet=contextlib.nullcontext):
+    """Run ``cf`` (func under torch.compile with one of our backends) on Duals of a new
+    level, dynamo's config ``settings()`` entered around it. Returns (the outputs, the
+    regions' report: backend.compiled_regions). ``breaks``: whether graph breaks are
+    allowed (a dynamo error then says what to do); ``quiet``: entered around the call too
+    (backend.quiet_dynamo)."""
     def call(*args):
         try:
-            with guard_settings():
+            with settings(), quiet(), breaking_untracked_writes():
                 return cf(*args)
         except Exception as e:
             # Part of the function may have run already (an earlier compiled region):
             # rerunning it eagerly could repeat its side effects, so this is an error.
-            if _is_dynamo_error(e) and not opts.get("fullgraph"):
+            if _is_dynamo_error(e) and breaks:
                 raise RuntimeError(
-                    f"jvp(compile=...): the function has graph breaks and a region could not be compiled "
+                    f"jvp(compile=...): the function has graph breaks and a region could not be captured "
                     f"with its tangents:\n  {' '.join(str(e).split())[:800]}\n"
                     f"A common cause: a tensor allocated in one region (torch.zeros) receives values with "
-                    f"tangents after a graph break. Run without compile (the eager path tracks such "
+                    f"tangents after a graph break. Run with compile=False (the eager path tracks such "
                     f"writes), or keep the allocation and the writes in one region.") from e
             raise
 
@@ -348,14 +418,7 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     # eagerly, which is correct)
     with TRACE_LOCK:
         out = _eager(call, flat_p, ts, spec, chunk, has_aux, dual_mode=False)
-    n, eager = compiled_regions()
-    if not eager and n:
-        why = f"compiled ({n} region{'s' if n > 1 else ''})"
-    elif n:
-        why = f"compiled ({n} region{'s' if n > 1 else ''}; {len(eager)} ran eagerly: {'; '.join(eager)})"
-    else:
-        why = "eager (torch.compile compiled no region with tangents" + (f": {'; '.join(eager)})" if eager else ")")
-    return out, why
+    return out, compiled_regions()
 
 
 def _is_dynamo_error(e) -> bool:

@@ -67,11 +67,11 @@ import threading
 import torch
 
 from . import registry, triton_kernels
-from .dual import Dual, hide_dispatch_from_dynamo, innermost_level
+from .dual import Dual, current_level, hide_dispatch_from_dynamo, innermost_level
 from .engine import building_for_autograd
-from .transform import build_jvp_graph, unbatched_tangents
+from .transform import build_jvp_graph, switches_grad_mode, unbatched_tangents
 
-__all__ = ["torch_fwd_backend", "JVP_INDUCTOR_SETTINGS", "compiled_regions", "stats", "deferred_full_collections"]
+__all__ = ["torch_fwd_backend", "graph_regions_backend", "JVP_INDUCTOR_SETTINGS", "compiled_regions", "stats", "deferred_full_collections"]
 
 log = logging.getLogger("torch_fwd")
 
@@ -104,7 +104,7 @@ _regions = _Regions()
 
 
 def compiled_regions():
-    """(number of compiled JVP regions run, [why each eager region ran eagerly]) since the
+    """(number of regions run by their JVP graphs, [why each eager region ran eagerly]) since the
     last reset_regions() on this thread."""
     return _regions.compiled, list(_regions.eager)
 
@@ -112,6 +112,40 @@ def compiled_regions():
 def reset_regions():
     _regions.compiled = 0
     _regions.eager = []
+
+
+class _QuietDynamo(logging.Filter):
+    """While the calling thread runs a function region by region for jvp's path="auto"
+    (``quiet_dynamo``), the warnings dynamo logs about a frame it could not compile (it
+    then runs the frame uncompiled, on its Duals: the result is right) are not printed but
+    kept, first lines only, for explain(). Other threads' records pass untouched."""
+
+    def filter(self, record):
+        if not getattr(_regions, "quiet", False) or record.levelno < logging.WARNING:
+            return True
+        msg = record.getMessage()
+        if msg.startswith("WON'T CONVERT"):  # (a frame run uncompiled; the rest are details of it)
+            why = f"{record.exc_info[0].__name__}: {record.exc_info[1]}" if record.exc_info else msg
+            _regions.eager.append(" ".join(f"{msg.splitlines()[0]} ({why.splitlines()[0][:200]})".split()))
+        return False
+
+
+_quiet = _QuietDynamo()
+_QUIETED = ("torch._dynamo.convert_frame", "torch._guards", "torch._dynamo.variables.tensor")
+
+
+@contextlib.contextmanager
+def quiet_dynamo():
+    if not getattr(_regions, "filters_installed", False):
+        for name in _QUIETED:
+            logger = logging.getLogger(name)
+            if _quiet not in logger.filters:
+                logger.addFilter(_quiet)
+    _regions.quiet = True
+    try:
+        yield
+    finally:
+        _regions.quiet = False
 
 
 def jvp_inductor_settings():
@@ -155,7 +189,7 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     hide_dispatch_from_dynamo()
     patches = _config_patches(mode, options)
     if not any(isinstance(x, Dual) for x in example_inputs):
-        return compile_fx(gm, example_inputs, config_patches=patches)
+        return _tracked(compile_fx(gm, example_inputs, config_patches=patches))
     from .rules.custom import refuse_user_jvp_functions
     name = refuse_user_jvp_functions(gm)
     if name is not None:
@@ -165,6 +199,41 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
         _regions.eager.append(f"autograd.Function {name} defines jvp, which dynamo would inline past")
         raise SkipFrame(f"torch_fwd: autograd.Function {name} defines jvp; its frame runs eagerly")
     return _TangentGraph(gm, jvp_patches(mode, options)[1])
+
+
+def graph_regions_backend(gm: torch.fx.GraphModule, example_inputs):
+    """The backend of ``jvp``'s path="auto" for a function dynamo cannot capture whole:
+    each region between graph breaks gets its JVP graph, run by the graph path's own
+    runner (bindings, then a TorchScript trace once reused) as the graph path runs a whole
+    function; nothing is compiled by Inductor. A region without Duals among its inputs
+    runs as dynamo captured it. A region whose JVP graph cannot be built runs on its
+    Duals through the eager path, as in torch_fwd_backend."""
+    hide_dispatch_from_dynamo()
+    if not any(isinstance(x, Dual) for x in example_inputs):
+        return _tracked(gm.forward)
+    from .rules.custom import refuse_user_jvp_functions
+    name = refuse_user_jvp_functions(gm)
+    if name is not None:
+        from torch._dynamo.exc import SkipFrame
+        _regions.eager.append(f"autograd.Function {name} defines jvp, which dynamo would inline past")
+        raise SkipFrame(f"torch_fwd: autograd.Function {name} defines jvp; its frame runs eagerly")
+    return _TangentGraph(gm, None)
+
+
+def _tracked(run):
+    """A region without Duals among its inputs, run inside a jvp: its floating outputs
+    become Duals (of the innermost level, without tangents), as the eager path's mode
+    makes every tensor the function creates, so that a value with a tangent written into
+    one of them after a graph break (``buf = torch.zeros(n)``, a break, ``buf[0] = y``) is
+    tracked. Outside any jvp (a plain torch.compile with this backend) nothing changes."""
+    def tracked(*args):
+        out = run(*args)
+        level = current_level()
+        if level == 0:
+            return out
+        return [Dual(o, None, level=level) if isinstance(o, torch.Tensor) and (o.is_floating_point() or o.is_complex())
+                and not isinstance(o, Dual) else o for o in out]
+    return tracked
 
 
 class _DeferredFullCollections:
@@ -321,8 +390,9 @@ def _compile(jg, args, tangents, patches, direct, unbatched):
 
 
 class _TangentGraph:
-    """One captured graph called on Duals: its JVP graph compiled by Inductor, per
-    (tangent pattern, K, rule-table generation, grad mode, input layout)."""
+    """One captured graph called on Duals: its JVP graph, compiled by Inductor with
+    ``patches`` (None: not compiled, graph_regions_backend), per (tangent pattern, K,
+    rule-table generation, grad mode, input layout)."""
 
     def __init__(self, gm, patches):
         self.gm = gm
@@ -370,8 +440,14 @@ class _TangentGraph:
 
     def _compile(self, prims, tans, active, chunk, grad):
         from .capture import to_aten
+        if grad and switches_grad_mode(self.gm):
+            return "the region turns grad mode on or off inside (torch.no_grad()), which its JVP graph cannot keep"
         try:
             with building_for_autograd(grad):
+                if self.patches is None:  # (graph_regions_backend: the graph path's runner)
+                    jg = build_jvp_graph(to_aten(self.gm, prims), prims, active, chunk)
+                    jg.trace_when_reused = not grad
+                    return jg
                 return build_compiled_jvp_graph(lambda: to_aten(self.gm, prims), prims,
                                                 [t.contiguous() if t is not None else None for t in tans],
                                                 active, chunk, self.patches, grad)

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from . import registry
 from .backend import build_compiled_jvp_graph
 from .engine import building_for_autograd
-from .transform import build_jvp_graph, drop_unit_k, unbatched_tangents
+from .transform import build_jvp_graph, drop_unit_k, switches_grad_mode, unbatched_tangents
 
 __all__ = ["to_aten", "GuardedCapture", "CaptureFailed"]
 
@@ -41,12 +41,15 @@ class CaptureFailed(Exception):
     ``nested_jvp``: because the function calls ``torch_fwd.jvp`` itself. ``user_error``:
     because something raised that may raise eagerly too (the function's own ``raise``,
     which dynamo only traced; a rule's error; outputs that are not tensors): the eager
-    path then gives the user that very exception, even where the graph path was asked for."""
+    path then gives the user that very exception, even where the graph path was asked for.
+    ``regions``: because dynamo could not capture the function in one graph (a graph
+    break, a branch on a value): it can still be run region by region."""
 
-    def __init__(self, msg, nested_jvp=False, user_error=False):
+    def __init__(self, msg, nested_jvp=False, user_error=False, regions=False):
         super().__init__(msg)
         self.nested_jvp = nested_jvp
         self.user_error = user_error
+        self.regions = regions
 
 
 class NestedJvpUnderDynamo(RuntimeError):
@@ -249,6 +252,9 @@ class _CompiledGraph:
         with self.lock:
             jg = self.jvp_graphs.get(key)
             if jg is None:
+                if grad and switches_grad_mode(self.torch_gm):
+                    raise CaptureFailed("the function turns grad mode on or off inside (torch.no_grad()), "
+                                        "which a JVP graph autograd differentiates cannot keep")
                 try:
                     with building_for_autograd(grad):
                         if ch.inductor is not None:
@@ -261,7 +267,10 @@ class _CompiledGraph:
                             # (a graph autograd will differentiate keeps to Python bindings)
                             jg.trace_when_reused = not grad
                 except Exception as e:  # noqa: BLE001 - the eager path reports real errors
-                    raise CaptureFailed(str(e), user_error=_raised_by_rules(e)) from e
+                    # (a failure of the lowering itself, e.g. on .item() that fullgraph capture
+                    # keeps in the graph, may not recur where dynamo breaks the graph there)
+                    by_rules = _raised_by_rules(e)
+                    raise CaptureFailed(str(e), user_error=by_rules, regions=not by_rules) from e
                 self.jvp_graphs[key] = jg
             return jg
 
@@ -283,6 +292,7 @@ class _Settings(threading.local):
     patch = None
     compiling = None
     guards = None
+    regions = None
 
 
 _settings = _Settings()
@@ -307,6 +317,18 @@ def guard_settings():
     if _settings.guards is None:
         _settings.guards = torch._dynamo.config.patch(**_GUARDS)
     return _settings.guards
+
+
+def regions_settings():
+    """guard_settings, a frame dynamo fails on runs uncompiled (on its Duals) instead of
+    raising, and the raised recompile limits (a frame dynamo gives up on runs uncompiled,
+    and so do the frames it calls, where tensors the function creates are not tracked):
+    for jvp's path="auto" region by region (api._graph_regions)."""
+    if _settings.regions is None:
+        _settings.regions = torch._dynamo.config.patch(
+            suppress_errors=True, recompile_limit=_LIMITS["recompile_limit"],
+            accumulated_recompile_limit=_LIMITS["accumulated_recompile_limit"], **_GUARDS)
+    return _settings.regions
 
 
 def _COMPILING_SETTINGS():
@@ -387,13 +409,30 @@ class GuardedCapture:
             # missing at trace time, ...): the eager path runs and reports real errors.
             # (the message only is kept: an exception would keep the failed frames' tensors alive)
             if isinstance(e, CaptureFailed):
-                self.failed_keys[(key_fn(), ikey)] = (str(e), e.nested_jvp, e.user_error)
+                self.failed_keys[(key_fn(), ikey)] = (str(e), e.nested_jvp, e.user_error, e.regions)
                 raise
-            why = (f"{type(e).__name__}: {e}", *_causes(e))
+            nested, user = _causes(e)
+            why = (f"{type(e).__name__}: {e}", nested, user,
+                   not (nested or user) and type(e).__module__.startswith("torch._dynamo")
+                   and not _broke_inside_torch(e))
             self.failed_keys[(key_fn(), ikey)] = why
             raise CaptureFailed(*why) from e
         finally:
             _channel.call = None
+
+
+_TORCH_DIR = __import__("os").path.dirname(torch.__file__)
+
+
+def _broke_inside_torch(e) -> bool:
+    """Whether dynamo's graph break came from inside torch's own files (a wrapper such as
+    DistributedDataParallel: hooks, loggers, weak references and autograd Functions of its
+    own, written for eager execution). Such a function runs on the eager path, not region
+    by region; a break in the user's code (the innermost frame dynamo reports) does not."""
+    stack = getattr(e, "real_stack", None)
+    if not stack:
+        return False
+    return stack[-1].filename.startswith(_TORCH_DIR)
 
 
 def _has_non_tensor_leaf(out) -> bool:

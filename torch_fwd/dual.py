@@ -42,6 +42,7 @@ __all__ = ["Dual", "DualMode", "run_with_duals", "current_level", "innermost_lev
 class _Levels(threading.local):
     top = 0      # the innermost level entered by run_with_duals / the graph pass
     handling = 0  # the level whose mode is applying a rule right now (0: none)
+    break_untracked_writes = False  # see breaking_untracked_writes
 
 
 _levels = _Levels()
@@ -50,6 +51,24 @@ _levels = _Levels()
 def current_level() -> int:
     """How many levels of differentiation the calling thread is inside (0: none)."""
     return _levels.top
+
+
+class UntrackedWrite(RuntimeError):
+    """A value with a tangent written into a tensor no level tracks (refused, nothing
+    written). Its own class: jvp's region-by-region run tells it from other errors."""
+
+
+@contextlib.contextmanager
+def breaking_untracked_writes():
+    """While Duals run under dynamo (no DualMode: tensors the function creates inside a
+    region are plain), a write with a tangent into a plain fake tensor ends the region
+    there instead of failing it (see _write)."""
+    prev = _levels.break_untracked_writes
+    _levels.break_untracked_writes = True
+    try:
+        yield
+    finally:
+        _levels.break_untracked_writes = prev
 
 
 class entered_level:
@@ -180,6 +199,8 @@ class Dual(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # no mode: Duals used directly; the innermost level among the arguments acts
+        # (hide_dispatch_from_dynamo replaces this by its disabled twin, which calls the
+        # undisabled dispatch: one disable wrapper an op, not two)
         return dispatch(func, args, kwargs, None, innermost_level((*args, *kwargs.values()) if kwargs else args))
 
 
@@ -338,10 +359,37 @@ def hide_dispatch_from_dynamo():
     frame run between its graphs, ours too: where a function on Duals runs eagerly (after
     a graph break inside DistributedDataParallel's forward, say), it compiled the rules'
     own frames as regions of the user's function. (Not at import: importing dynamo takes
-    a second; the wrapper costs ~0.3 us an op.)"""
+    a second; the wrapper costs ~0.3 us an op.) Dual's own Python entry points (its
+    ``__torch_dispatch__``, the ways out of the tensor world) likewise: each would be a
+    frame dynamo compiles, and recompiles, for every op run between two graphs."""
     global dispatch
     if dispatch is _dispatch_at:
         dispatch = torch.compiler.disable(_dispatch_at, recursive=True)
+        Dual.__torch_dispatch__ = classmethod(torch.compiler.disable(_dual_dispatch, recursive=True))
+        for name in _PYTHON_ENTRY_POINTS:
+            setattr(Dual, name, torch.compiler.disable(Dual.__dict__[name], recursive=True))
+        for hide in _on_dynamo_use:
+            hide()
+
+
+_on_dynamo_use: list = []
+
+
+def on_dynamo_use(hide):
+    """Register ``hide()``, called once dynamo is in use (hide_dispatch_from_dynamo): for
+    other Python code of ours that runs on Duals between graphs (rules/custom.py)."""
+    if dispatch is _dispatch_at:
+        _on_dynamo_use.append(hide)
+    else:
+        hide()
+
+
+def _dual_dispatch(cls, func, types, args=(), kwargs=None):
+    return _dispatch_at(func, args, kwargs, None, innermost_level((*args, *kwargs.values()) if kwargs else args))
+
+
+_PYTHON_ENTRY_POINTS = ("tolist", "numpy", "__array__", "__dlpack__", "__dlpack_device__",
+                        "__deepcopy__", "data_ptr", "__repr__")
 
 
 def _dispatch(func, args, kwargs, mode, level):
@@ -589,7 +637,16 @@ def _write(func, target, value, tvalue, chunk, level):
             target.ensure_tangent(chunk).copy_(tvalue)
         return
     if tvalue is not None:  # refused before anything is written
-        raise RuntimeError(
+        if _levels.break_untracked_writes and isinstance(target, FakeTensor):
+            # Fake tensors while Duals run under dynamo (breaking_untracked_writes): dynamo
+            # propagating shapes through a region where the region may have created the
+            # target itself (torch.zeros). Told that the op cannot run on fake tensors,
+            # dynamo ends the region before it: the region's outputs become Duals and the
+            # write runs between regions, where a target the function made tracks it and
+            # any other is refused as below.
+            from torch._subclasses.fake_tensor import UnsupportedOperatorException
+            raise UnsupportedOperatorException(func)
+        raise UntrackedWrite(
             f"torch_fwd: an in-place write puts a value that has a tangent into a tensor (or a view of one) "
             f"torch_fwd does not track (from outside the differentiated function, e.g. a global or a module "
             f"buffer); its tangent would be lost.\n  at {user_source_line()}")

@@ -54,6 +54,17 @@ def _stack_line(n: fx.Node) -> str | None:
 
 
 
+_GRAD_MODE_SWITCHES = {torch._C._set_grad_enabled}
+
+
+def switches_grad_mode(gm: fx.GraphModule) -> bool:
+    """Whether a graph dynamo captured turns grad mode on or off inside (``torch.no_grad()``
+    around part of the function). Its ATen lowering drops the switch: a JVP graph built
+    from it is right in value but, differentiated by autograd, would differentiate the
+    part the user excluded."""
+    return any(n.op == "call_function" and n.target in _GRAD_MODE_SWITCHES for n in gm.graph.nodes)
+
+
 def mutated_placeholders(gm: fx.GraphModule) -> set[int]:
     """Indices of placeholders an op writes into (input mutations after functionalization),
     directly or through a view of them (``alias(x).copy_(...)`` survives functionalization
