@@ -130,6 +130,8 @@ CASES = [
                                            torch.tensor(0.1, dtype=torch.float64, device=d),
                                            torch.tensor(-1.0, dtype=torch.float64, device=d)), quick=True),
     Case("large_single_block", C.large_single_block, lambda d, q: (_r(1000, device=d, scale=0.5),)),
+    *[Case(f.__name__, f, lambda d, q: (_r(64, 64, device=d, scale=0.5 / 8), _r(64, 32, device=d)))
+      for f in (C.break_branch, C.break_print, C.break_numpy, C.break_item, C.iterate_to_tolerance)],
     Case("sin_cos_exp_1e6_f32", C.broadcast_sin_cos_exp,
          lambda d, q: (torch.randn(10 ** 4 if q else 10 ** 6, device=d),)),
     Case("gelu_mlp_4x1024_f32", _MLP, _built(_MLP, lambda d, q: (torch.randn(8 if q else 64, 1024, device=d),))),
