@@ -20,12 +20,13 @@ import torch
 import torch.utils._pytree as pytree
 from torch.autograd.function import _is_setup_context_defined
 
+from torch_fwd.compat import function_apply
 from torch_fwd.dual import Dual, innermost_level, on_dynamo_use, outside_mode, unwrap_tree
 
 from ._cases import case, randn
 
 _Function = torch.autograd.Function
-_original_apply = _Function.apply.__func__
+_original_apply = function_apply()
 
 
 def has_user_jvp(cls) -> bool:
@@ -158,9 +159,10 @@ def _hide_from_dynamo():
 on_dynamo_use(_hide_from_dynamo)
 
 
-# Function.apply is a Python classmethod; wrapping it is the one hook PyTorch offers before
+# Function.apply is a classmethod; wrapping it is the one hook PyTorch offers before
 # forward runs. Without Dual arguments the original runs unchanged.
-_Function.apply = classmethod(_apply)
+if _original_apply is not None:
+    _Function.apply = classmethod(_apply)
 
 
 def _subclasses(cls):

@@ -6,6 +6,7 @@ inactive operand's (zero) tangent is never formed: that is the activity analysis
 """
 import torch
 
+from torch_fwd.compat import aten_op
 from torch_fwd.engine import for_autograd, jvp_op, without_rule
 from torch_fwd.registry import call_op, library_rule as reg
 from torch_fwd.tangent import align, tadd
@@ -122,12 +123,14 @@ def _cholesky_ex(p, t):
 
 def _cholesky(p, t):
     A, upper = p
-    L = aten.cholesky.default(A, upper)
+    L = _CHOLESKY(A, upper)
     return L, None if t[0] is None else _cholesky_tangent(L, t[0], upper)
 
 
 reg(aten.linalg_cholesky_ex.default, _cholesky_ex)
-reg(aten.cholesky.default, _cholesky)
+_CHOLESKY = aten_op("cholesky")  # (gone in torch 2.14: torch.cholesky is linalg_cholesky_ex there)
+if _CHOLESKY is not None:
+    reg(_CHOLESKY, _cholesky)
 
 
 def _solve_triangular(p, t):
