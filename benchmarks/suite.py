@@ -186,7 +186,10 @@ def _per_call(fn, min_time):
     # the process's thread count: Timer's default of one thread changes global state that
     # dynamo guards on (each compiled column would recompile inside the timing loop)
     timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.adaptive_autorange(min_run_time=min_time).median
+    # (a bounded max_run_time: on a loaded machine a fast call may never meet the
+    # confidence test, and adaptive_autorange's check re-reads every measurement so far,
+    # so its default of 10 s of measurements took many minutes of checking)
+    return timer.adaptive_autorange(min_run_time=min_time, max_run_time=max(1.0, 20 * min_time)).median
 
 
 def run(cases, device, rounds, quick, compile_columns=True, progress=sys.stderr, only=None, compile_rounds=1):
