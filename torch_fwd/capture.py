@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 from . import registry
 from .backend import build_compiled_jvp_graph
 from .engine import building_for_autograd
-from .transform import build_jvp_graph, drop_unit_k, switches_grad_mode, unbatched_tangents
+from .transform import STOP_GRADIENT, build_jvp_graph, drop_unit_k, switches_grad_mode, unbatched_tangents
 
 __all__ = ["to_aten", "GuardedCapture", "CaptureFailed"]
 
@@ -129,6 +129,7 @@ def _to_aten(fn, args, functionalize):
     from torch._subclasses.fake_tensor import FakeTensorMode
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     if isinstance(fn, fx.GraphModule):
+        _mark_stop_gradients(fn)
         # A graph from dynamo holds what a user's torch-function mode did while dynamo
         # traced: traced again under that mode, it would be applied twice.
         with torch._C.DisableTorchFunction():
@@ -138,6 +139,28 @@ def _to_aten(fn, args, functionalize):
         with _RecordUserFrames():
             return fn(*a)
     return _make_fx(inner, args, functionalize, mode)
+
+
+_DETACH_FUNCTIONS = (torch.detach, torch.Tensor.detach)
+_GET_DATA = getattr(getattr(torch._C, "_autograd", None), "_get_data_attr", None)
+
+
+def _mark_stop_gradients(gm: fx.GraphModule):
+    """Mark the user's ``detach()`` calls in a dynamo graph (transform.is_stop_gradient):
+    lowered to ATen they may become an ``aten.alias`` (torch 2.14 decomposes detach), and
+    an alias carries its input's tangent. ``x.data`` (``_get_data_attr`` in dynamo's graph,
+    which lowers to the input itself) becomes a marked ``detach()`` first: both are the
+    input's values without its history."""
+    changed = False
+    for n in gm.graph.nodes:
+        if _GET_DATA is not None and n.op == "call_function" and n.target is _GET_DATA:
+            n.op, n.target = "call_method", "detach"
+            changed = True
+        if (n.op == "call_method" and n.target == "detach") or \
+                (n.op == "call_function" and n.target in _DETACH_FUNCTIONS):
+            n.meta["custom"] = dict(STOP_GRADIENT)
+    if changed:
+        gm.recompile()
 
 
 def _make_fx(inner, args, functionalize, mode):
@@ -156,6 +179,9 @@ class _RecordUserFrames(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         import torch.fx.traceback as fx_traceback
         fx_traceback.set_stack_trace(traceback.format_stack()[:-1])
+        if func in _DETACH_FUNCTIONS and hasattr(fx_traceback, "annotate"):
+            with fx_traceback.annotate(STOP_GRADIENT):  # (see _mark_stop_gradients)
+                return func(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
 
 

@@ -34,9 +34,26 @@ class _SourceInterpreter(fx.Interpreter):
         prev = engine._source_hint.line
         engine._source_hint.line = _stack_line(n)
         try:
+            if is_stop_gradient(n):
+                # the user's detach(), lowered to an alias where torch decomposes detach
+                # (2.14): run as detach, which drops the tangent (the node's meta current,
+                # so that what make_fx records for it keeps the mark: _build_jvp_graph)
+                with fx.traceback.set_current_meta(n):
+                    return torch.ops.aten.detach.default(self.env[n.args[0]])
             return super().run_node(n)
         finally:
             engine._source_hint.line = prev
+
+
+STOP_GRADIENT = {"torch_fwd": "stop_gradient"}
+
+
+def is_stop_gradient(n: fx.Node) -> bool:
+    """Whether an ATen node is the lowering of a ``detach()`` (or ``.data``) of the user's:
+    capture.to_aten marks them (``node.meta["custom"]``, which make_fx carries to the
+    nodes it records), since the lowering itself may be an ``aten.alias``."""
+    return n.op == "call_function" and n.meta.get("custom") == STOP_GRADIENT and bool(n.args) \
+        and isinstance(n.args[0], fx.Node)
 
 
 def _stack_line(n: fx.Node) -> str | None:
@@ -213,12 +230,18 @@ def _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_in
     # Traced without grad: what autograd records is decided when the graph runs, not here.
     # Without __torch_function__: the ATen graph holds what a user's torch-function mode
     # did when it was captured; its ops seen by that mode again would apply it twice.
-    with fake_mode, torch.no_grad(), torch._C.DisableTorchFunction():
+    # (node meta preserved: the ops recorded for a user's detach() carry its mark)
+    with fake_mode, torch.no_grad(), torch._C.DisableTorchFunction(), fx.traceback.preserve_node_meta():
         fake_primals = [fake(x) for x in example_inputs]
         # tangents are traced contiguous; callers pass them contiguous (api.py ensures it)
         fake_tangents = [torch.empty((chunk,) + tuple(x.shape), dtype=x.dtype, device=x.device)
                          for x, a in zip(fake_primals, active_inputs) if a]
         gm = make_fx(jvp_fn, decompositions, tracing_mode="real")(*fake_primals, *fake_tangents)
+    for n in gm.graph.nodes:
+        # a detach make_fx recorded as an alias (torch 2.14) would let autograd through
+        if n.op == "call_function" and n.target is torch.ops.aten.alias.default \
+                and n.meta.get("custom") == STOP_GRADIENT:
+            n.target = torch.ops.aten.detach.default
     gm.graph.eliminate_dead_code()
     gm = _cse(gm)
     gm.graph.eliminate_dead_code()
