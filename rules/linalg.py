@@ -128,9 +128,10 @@ def _cholesky(p, t):
 
 
 reg(aten.linalg_cholesky_ex.default, _cholesky_ex)
-_CHOLESKY = aten_op("cholesky")  # (gone in torch 2.14: torch.cholesky is linalg_cholesky_ex there)
+_CHOLESKY = aten_op("cholesky")  # (gone in torch 2.14 with torch.cholesky)
 if _CHOLESKY is not None:
     reg(_CHOLESKY, _cholesky)
+_legacy_cholesky = torch.cholesky if _CHOLESKY is not None else torch.linalg.cholesky
 
 
 def _solve_triangular(p, t):
@@ -332,7 +333,9 @@ TEST_CASES = [
     case("dot_mv_outer", lambda a, b: torch.dot(a, b) + torch.mv(torch.outer(a, b), a).sum(), lambda: (randn(4), randn(4))),
     case("cholesky", lambda a: torch.linalg.cholesky(a @ a.mT + 4 * torch.eye(4, dtype=a.dtype)), lambda: (randn(4, 4),)),
     case("cholesky_upper", lambda a: torch.linalg.cholesky(a @ a.mT + 4 * torch.eye(4, dtype=a.dtype), upper=True), lambda: (randn(4, 4),)),
-    case("cholesky_batched", lambda a: torch.cholesky(a @ a.mT + 4 * torch.eye(3, dtype=a.dtype)), lambda: (randn(2, 3, 3),)),
+    # (aten.cholesky's rule: torch.cholesky is gone from torch 2.14, with the op)
+    case("cholesky_batched", lambda a: _legacy_cholesky(a @ a.mT + 4 * torch.eye(3, dtype=a.dtype)),
+         lambda: (randn(2, 3, 3),)),
     # along a non-symmetric direction only the triangle the op reads counts; torch.func.jvp
     # takes the whole matrix, finite differences agree with us
     case("cholesky_nonsymmetric_direction", torch.linalg.cholesky, lambda: (_spd(4),), check_torch_func=False),

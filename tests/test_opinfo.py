@@ -12,6 +12,7 @@ import zlib
 import pytest
 
 from benchmarks import coverage, opinfo
+from torch_fwd import compat
 
 SAMPLE_EVERY = 8
 
@@ -57,7 +58,9 @@ def _check(name):
 def test_every_named_entry_exists():
     """A renamed OpInfo entry must not silently drop out of the sweep."""
     missing = [n for n in BEYOND_TORCH_FUNC + list(opinfo.EXPECTED_FAILURES) if n not in opinfo.entries()]
-    assert not missing
+    # (torch.cholesky's entry went with the op in torch 2.14)
+    gone = {"cholesky"} if compat.aten_op("cholesky") is None else set()
+    assert not [n for n in missing if n not in gone]
 
 
 @pytest.mark.parametrize("name", REPRESENTATIVE)
