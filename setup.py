@@ -17,7 +17,7 @@ setup(
         "torch_fwd.rules": "rules",
         "torch_fwd.triton_kernels": "triton_kernels",
     },
-    # 2.13.0's CPU build is what CI installs first (.ci/run); any later 2.x is accepted.
+    # CI tests 2.13.0 (its CPU build) and 2.14.1 (.ci/run); later 2.x releases are accepted.
     install_requires=["torch>=2.13.0"],
     # torch.compile(f, backend="torch_fwd") finds the backend here, without importing torch_fwd
     entry_points={"torch_dynamo_backends": ["torch_fwd = torch_fwd.backend:torch_fwd_backend"]},
