@@ -186,3 +186,17 @@ def test_a_missing_rule_in_a_region_is_reported_by_name():
 
     with pytest.raises(Exception, match="noderiv"):
         torch_fwd.jvp(f, (rand(3),), (rand(3),))
+
+
+def test_a_nested_jvp_after_a_break():
+    u = rand(3)
+
+    def f(a):
+        print(end="")
+        return torch_fwd.jvp(lambda b: b.sin() * b, (a,), (u,))[1].sum()
+
+    x, v = rand(3), rand(3)
+    for _ in range(2):
+        _, t = torch_fwd.jvp(f, (x,), (v,))
+        ref = torch.func.jvp(lambda a: torch.func.jvp(lambda b: b.sin() * b, (a,), (u,))[1].sum(), (x,), (v,))[1]
+        torch.testing.assert_close(t, ref)

@@ -13,7 +13,7 @@ from .backend import (compiled_regions, graph_regions_backend, jvp_patches, quie
                       torch_fwd_backend)
 from .capture import (TRACE_LOCK, CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, ensure_compiler_imported,
                       guard_settings, regions_settings, to_aten)
-from .dual import Dual, UntrackedWrite, breaking_untracked_writes, run_with_duals
+from .dual import Dual, UntrackedWrite, breaking_untracked_writes, on_dynamo_use, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .engine import building_for_autograd
 from .transform import build_jvp_graph
@@ -421,6 +421,21 @@ def _on_duals(cf, settings, breaks, flat_p, ts, spec, chunk, has_aux, quiet=cont
     return out, compiled_regions()
 
 
+_run_with_duals = run_with_duals
+
+
+def _hide_eager_from_dynamo():
+    # Once dynamo is in use, a jvp run eagerly between two graphs of an enclosing jvp's
+    # regions (a nested jvp after a graph break) would have its own frames compiled by
+    # dynamo, one by one. (A function torch.compile made, as _on_duals runs, turns dynamo
+    # back on for itself.)
+    global _run_with_duals
+    _run_with_duals = torch.compiler.disable(run_with_duals, recursive=True)
+
+
+on_dynamo_use(_hide_eager_from_dynamo)
+
+
 def _is_dynamo_error(e) -> bool:
     return type(e).__module__.startswith("torch._dynamo")
 
@@ -612,7 +627,7 @@ def _eager(func, flat_p, ts, spec, chunk, has_aux, dual_mode=True):
     else:
         args, targs = pytree.tree_unflatten(flat_p, spec), pytree.tree_unflatten(cloned, spec)
     try:
-        raw, traw = run_with_duals(func, args, {}, targs, {}, dual_mode)
+        raw, traw = _run_with_duals(func, args, {}, targs, {}, dual_mode)
     except RuntimeError as e:
         if "resize_() on an invalid python storage" in str(e):
             raise RuntimeError(
