@@ -364,3 +364,14 @@ def test_detach_inside_a_traced_jvp_graph():
     x, v = rand(3), rand(1, 3)
     out = gm(x, v)
     torch.testing.assert_close(out[1], (x * v))
+
+
+def test_no_grad_inside_a_traced_jvp_graph_is_refused_for_autograd():
+    # make_fx traces a plain function (make_jvp_graph): the switch is noticed there too
+    x = torch.randn(3, 3, dtype=D)
+    with pytest.raises(NotImplementedError, match="grad mode"):
+        torch_fwd.make_jvp_graph(_no_grad_inside, x)
+    gm = torch_fwd.make_jvp_graph(_no_grad_inside, x, for_autograd=False)
+    v = torch.randn(1, 3, 3, dtype=D)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, v)[1][0], torch.func.jvp(_no_grad_inside, (x,), (v[0],))[1])

@@ -232,7 +232,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
             elif e.nested_jvp:
                 why = "eager (the function calls jvp, which dynamo cannot capture)"
             elif e.regions:
-                out, why = _graph_regions(func, flat_p, ts, spec, chunk, has_aux, e)
+                out, why = _graph_regions(cap, func, flat_p, ts, spec, chunk, has_aux, unbatched, e)
             else:
                 why = f"eager ({e})"
     else:
@@ -330,7 +330,19 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     eager path's machinery without its DualMode (a dispatch mode makes dynamo skip every
     frame)."""
     cf = _compiled_for(func, opts)
-    out, (n, eager) = _on_duals(cf, guard_settings, not opts.get("fullgraph"), flat_p, ts, spec, chunk, has_aux)
+    try:
+        out, (n, eager) = _on_duals(cf, guard_settings, flat_p, ts, spec, chunk, has_aux)
+    except Exception as e:
+        # Part of the function may have run already (an earlier compiled region):
+        # rerunning it eagerly could repeat its side effects, so this is an error.
+        if _is_dynamo_error(e) and not opts.get("fullgraph"):
+            raise RuntimeError(
+                f"jvp(compile=...): the function has graph breaks and a region could not be captured "
+                f"with its tangents:\n  {' '.join(str(e).split())[:800]}\n"
+                f"A common cause: a tensor allocated in one region (torch.zeros) receives values with "
+                f"tangents after a graph break. Run with compile=False (the eager path tracks such "
+                f"writes), or keep the allocation and the writes in one region.") from e
+        raise
     if not eager and n:
         why = f"compiled ({n} region{'s' if n > 1 else ''})"
     elif n:
@@ -340,7 +352,7 @@ def _compiled_duals(func, opts, flat_p, ts, spec, chunk, has_aux):
     return out, why
 
 
-def _graph_regions(func, flat_p, ts, spec, chunk, has_aux, failure):
+def _graph_regions(cap, func, flat_p, ts, spec, chunk, has_aux, unbatched, failure):
     """path="auto" for a function dynamo cannot capture in one graph (``failure`` says
     why): dynamo captures it region by region between its graph breaks
     (backend.graph_regions_backend), each region's JVP graph runs through the graph path's
@@ -349,15 +361,11 @@ def _graph_regions(func, flat_p, ts, spec, chunk, has_aux, failure):
     skips runs on its Duals: every part of the function carries its tangents."""
     def make(_key):
         ensure_compiler_imported()
-        return _Regions(torch.compile(func, backend=graph_regions_backend))
-    regions = _cached(("regions", func), make)
+        return torch.compile(func, backend=graph_regions_backend)
     reason = " ".join(str(failure).split())[:200]
-    sig = _signature(flat_p, chunk)
-    if sig in regions.failed:
-        return _eager(func, flat_p, ts, spec, chunk, has_aux), f"eager ({regions.failed[sig]}): {reason}"
     try:
-        out, (n, eager) = _on_duals(regions.compiled, regions_settings, False, flat_p, ts, spec, chunk, has_aux,
-                                    quiet=quiet_dynamo)
+        out, (n, eager) = _on_duals(_cached(("regions", func), make), regions_settings, flat_p, ts, spec, chunk,
+                                    has_aux, quiet=quiet_dynamo)
     except Exception as e:
         # Two failures that are the region-by-region run's own: dynamo failing (a few of its
         # refusals escape suppress_errors), and a frame dynamo ran uncompiled writing a
@@ -371,8 +379,9 @@ def _graph_regions(func, flat_p, ts, spec, chunk, has_aux, failure):
             raise RuntimeError(
                 f"jvp: running the function region by region failed after a region had run:\n  "
                 f"{' '.join(str(e).split())[:800]}\nRun it with path='eager'.") from e
-        regions.failed[sig] = f"region by region failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-        return _eager(func, flat_p, ts, spec, chunk, has_aux), f"eager ({regions.failed[sig]}): {reason}"
+        why = f"region by region failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        cap.remember_failure(_signature(flat_p, chunk), unbatched, f"{why}; not one graph because {reason}")
+        return _eager(func, flat_p, ts, spec, chunk, has_aux), f"eager ({why}): {reason}"
     if n:
         why = (f"regions ({n} graph{'s' if n > 1 else ''} run by the graph path, the Python between them "
                f"eagerly{'; ' + str(len(eager)) + ' ran eagerly: ' + '; '.join(eager) if eager else ''}): "
@@ -382,36 +391,13 @@ def _graph_regions(func, flat_p, ts, spec, chunk, has_aux, failure):
     return out, why
 
 
-class _Regions:
-    """A function under torch.compile with graph_regions_backend, and the signatures
-    (api._signature) for which dynamo failed outright: those run eagerly."""
-
-    def __init__(self, compiled):
-        self.compiled = compiled
-        self.failed: dict = {}
-
-
-def _on_duals(cf, settings, breaks, flat_p, ts, spec, chunk, has_aux, quiet=contextlib.nullcontext):
+def _on_duals(cf, settings, flat_p, ts, spec, chunk, has_aux, quiet=contextlib.nullcontext):
     """Run ``cf`` (func under torch.compile with one of our backends) on Duals of a new
-    level, dynamo's config ``settings()`` entered around it. Returns (the outputs, the
-    regions' report: backend.compiled_regions). ``breaks``: whether graph breaks are
-    allowed (a dynamo error then says what to do); ``quiet``: entered around the call too
-    (backend.quiet_dynamo)."""
+    level, dynamo's config ``settings()`` and ``quiet()`` (backend.quiet_dynamo) entered
+    around it. Returns (the outputs, the regions' report: backend.compiled_regions)."""
     def call(*args):
-        try:
-            with settings(), quiet(), breaking_untracked_writes():
-                return cf(*args)
-        except Exception as e:
-            # Part of the function may have run already (an earlier compiled region):
-            # rerunning it eagerly could repeat its side effects, so this is an error.
-            if _is_dynamo_error(e) and breaks:
-                raise RuntimeError(
-                    f"jvp(compile=...): the function has graph breaks and a region could not be captured "
-                    f"with its tangents:\n  {' '.join(str(e).split())[:800]}\n"
-                    f"A common cause: a tensor allocated in one region (torch.zeros) receives values with "
-                    f"tangents after a graph break. Run with compile=False (the eager path tracks such "
-                    f"writes), or keep the allocation and the writes in one region.") from e
-            raise
+        with settings(), quiet(), breaking_untracked_writes():
+            return cf(*args)
 
     reset_regions()
     # (dynamo's default recompile limit: past it, dynamo runs the frame on the Duals

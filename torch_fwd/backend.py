@@ -69,7 +69,7 @@ import torch
 from . import registry, triton_kernels
 from .dual import Dual, current_level, hide_dispatch_from_dynamo, innermost_level
 from .engine import building_for_autograd
-from .transform import build_jvp_graph, switches_grad_mode, unbatched_tangents
+from .transform import build_jvp_graph, unbatched_tangents
 
 __all__ = ["torch_fwd_backend", "graph_regions_backend", "JVP_INDUCTOR_SETTINGS", "compiled_regions", "stats", "deferred_full_collections"]
 
@@ -131,16 +131,12 @@ class _QuietDynamo(logging.Filter):
 
 
 _quiet = _QuietDynamo()
-_QUIETED = ("torch._dynamo.convert_frame", "torch._guards", "torch._dynamo.variables.tensor")
+for _name in ("torch._dynamo.convert_frame", "torch._guards", "torch._dynamo.variables.tensor"):
+    logging.getLogger(_name).addFilter(_quiet)  # (inert outside quiet_dynamo)
 
 
 @contextlib.contextmanager
 def quiet_dynamo():
-    if not getattr(_regions, "filters_installed", False):
-        for name in _QUIETED:
-            logger = logging.getLogger(name)
-            if _quiet not in logger.filters:
-                logger.addFilter(_quiet)
     _regions.quiet = True
     try:
         yield
@@ -190,15 +186,20 @@ def torch_fwd_backend(gm: torch.fx.GraphModule, example_inputs, mode=None, optio
     patches = _config_patches(mode, options)
     if not any(isinstance(x, Dual) for x in example_inputs):
         return _tracked(compile_fx(gm, example_inputs, config_patches=patches))
+    return _tangent_graph(gm, jvp_patches(mode, options)[1])
+
+
+def _tangent_graph(gm, patches):
+    """A region called on Duals: its _TangentGraph, unless the region holds an
+    autograd.Function with a jvp of the user's, which dynamo inlined, losing the jvp: that
+    frame then runs eagerly, where Function.apply reaches the jvp."""
     from .rules.custom import refuse_user_jvp_functions
     name = refuse_user_jvp_functions(gm)
     if name is not None:
-        # dynamo inlined the Function's forward, and with it lost the user's jvp: run this
-        # frame eagerly, where Function.apply reaches the user's jvp
         from torch._dynamo.exc import SkipFrame
         _regions.eager.append(f"autograd.Function {name} defines jvp, which dynamo would inline past")
         raise SkipFrame(f"torch_fwd: autograd.Function {name} defines jvp; its frame runs eagerly")
-    return _TangentGraph(gm, jvp_patches(mode, options)[1])
+    return _TangentGraph(gm, patches)
 
 
 def graph_regions_backend(gm: torch.fx.GraphModule, example_inputs):
@@ -211,13 +212,7 @@ def graph_regions_backend(gm: torch.fx.GraphModule, example_inputs):
     hide_dispatch_from_dynamo()
     if not any(isinstance(x, Dual) for x in example_inputs):
         return _tracked(gm.forward)
-    from .rules.custom import refuse_user_jvp_functions
-    name = refuse_user_jvp_functions(gm)
-    if name is not None:
-        from torch._dynamo.exc import SkipFrame
-        _regions.eager.append(f"autograd.Function {name} defines jvp, which dynamo would inline past")
-        raise SkipFrame(f"torch_fwd: autograd.Function {name} defines jvp; its frame runs eagerly")
-    return _TangentGraph(gm, None)
+    return _tangent_graph(gm, None)
 
 
 def _tracked(run):
@@ -440,8 +435,6 @@ class _TangentGraph:
 
     def _compile(self, prims, tans, active, chunk, grad):
         from .capture import to_aten
-        if grad and switches_grad_mode(self.gm):
-            return "the region turns grad mode on or off inside (torch.no_grad()), which its JVP graph cannot keep"
         try:
             with building_for_autograd(grad):
                 if self.patches is None:  # (graph_regions_backend: the graph path's runner)

@@ -19,6 +19,7 @@ identity of the primal tensors, and come back the same way keyed by the outputs.
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import traceback
 import types
@@ -31,7 +32,8 @@ from torch.overrides import TorchFunctionMode
 from . import registry
 from .backend import build_compiled_jvp_graph
 from .engine import building_for_autograd
-from .transform import STOP_GRADIENT, build_jvp_graph, drop_unit_k, switches_grad_mode, unbatched_tangents
+from .transform import (STOP_GRADIENT, SWITCHES_GRAD_MODE, build_jvp_graph, drop_unit_k, switches_grad_mode,
+                        unbatched_tangents)
 
 __all__ = ["to_aten", "GuardedCapture", "CaptureFailed"]
 
@@ -133,12 +135,18 @@ def _to_aten(fn, args, functionalize):
         # A graph from dynamo holds what a user's torch-function mode did while dynamo
         # traced: traced again under that mode, it would be applied twice.
         with torch._C.DisableTorchFunction():
-            return _make_fx(fx.Interpreter(fn).run, args, functionalize, mode)
+            gm = _make_fx(_Lowering(fn).run, args, functionalize, mode)
+        gm.meta[SWITCHES_GRAD_MODE] = switches_grad_mode(fn)
+        return gm
+
+    frames = _RecordUserFrames()
 
     def inner(*a):
-        with _RecordUserFrames():
+        with frames:
             return fn(*a)
-    return _make_fx(inner, args, functionalize, mode)
+    gm = _make_fx(inner, args, functionalize, mode)
+    gm.meta[SWITCHES_GRAD_MODE] = frames.switched_grad_mode
+    return gm
 
 
 _DETACH_FUNCTIONS = (torch.detach, torch.Tensor.detach)
@@ -146,21 +154,24 @@ _GET_DATA = getattr(getattr(torch._C, "_autograd", None), "_get_data_attr", None
 
 
 def _mark_stop_gradients(gm: fx.GraphModule):
-    """Mark the user's ``detach()`` calls in a dynamo graph (transform.is_stop_gradient):
-    lowered to ATen they may become an ``aten.alias`` (torch 2.14 decomposes detach), and
-    an alias carries its input's tangent. ``x.data`` (``_get_data_attr`` in dynamo's graph,
-    which lowers to the input itself) becomes a marked ``detach()`` first: both are the
-    input's values without its history."""
-    changed = False
+    """Mark the user's ``detach()`` and ``x.data`` in a dynamo graph
+    (transform.is_stop_gradient): lowered to ATen they may become an ``aten.alias`` (torch
+    2.14 decomposes detach) or nothing at all (``.data``: the input itself), which carry
+    the input's tangent. (Node meta only: the graph dynamo runs is not changed.)"""
     for n in gm.graph.nodes:
-        if _GET_DATA is not None and n.op == "call_function" and n.target is _GET_DATA:
-            n.op, n.target = "call_method", "detach"
-            changed = True
         if (n.op == "call_method" and n.target == "detach") or \
-                (n.op == "call_function" and n.target in _DETACH_FUNCTIONS):
+                (n.op == "call_function" and (n.target in _DETACH_FUNCTIONS or n.target is _GET_DATA)):
             n.meta["custom"] = dict(STOP_GRADIENT)
-    if changed:
-        gm.recompile()
+
+
+class _Lowering(fx.Interpreter):
+    """Runs a dynamo graph for make_fx, ``x.data`` as ``x.detach()`` (the same values
+    without history; lowered, ``.data`` would leave no node to carry its mark)."""
+
+    def call_function(self, target, args, kwargs):
+        if target is _GET_DATA:
+            return args[0].detach()
+        return super().call_function(target, args, kwargs)
 
 
 def _make_fx(inner, args, functionalize, mode):
@@ -174,11 +185,18 @@ def _make_fx(inner, args, functionalize, mode):
 
 class _RecordUserFrames(TorchFunctionMode):
     """While make_fx traces a plain function, give each node the Python stack of the torch
-    call that made it (make_fx itself records only module ``forward`` frames)."""
+    call that made it (make_fx itself records only module ``forward`` frames), mark the
+    user's detach() calls, and notice a switch of grad mode (transform.SWITCHES_GRAD_MODE)."""
+
+    switched_grad_mode = False  # whether a torch call ran in another grad mode than the first
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         import torch.fx.traceback as fx_traceback
         fx_traceback.set_stack_trace(traceback.format_stack()[:-1])
+        grad = torch.is_grad_enabled()
+        if getattr(self, "grad_mode", grad) != grad:
+            self.switched_grad_mode = True
+        self.grad_mode = grad
         if func in _DETACH_FUNCTIONS and hasattr(fx_traceback, "annotate"):
             with fx_traceback.annotate(STOP_GRADIENT):  # (see _mark_stop_gradients)
                 return func(*args, **(kwargs or {}))
@@ -278,9 +296,6 @@ class _CompiledGraph:
         with self.lock:
             jg = self.jvp_graphs.get(key)
             if jg is None:
-                if grad and switches_grad_mode(self.torch_gm):
-                    raise CaptureFailed("the function turns grad mode on or off inside (torch.no_grad()), "
-                                        "which a JVP graph autograd differentiates cannot keep")
                 try:
                     with building_for_autograd(grad):
                         if ch.inductor is not None:
@@ -377,6 +392,11 @@ class GuardedCapture:
         self.code = getattr(fn, "__code__", None)
         self.direct = _DirectCall.for_function(fn)
 
+    def remember_failure(self, key, unbatched, why):
+        """Calls with signature ``key`` (jvp's default path) go to the eager path from now
+        on, ``why`` saying so: the function failed even region by region."""
+        self.failed_keys[(key, (None, unbatched))] = (why, False, False, False)
+
     def _near_recompile_limit(self) -> bool:
         """Whether this call could compile past dynamo's default recompile limit (then the
         raised limits apply: entering a config patch costs more than a small jvp, so it is
@@ -447,7 +467,7 @@ class GuardedCapture:
             _channel.call = None
 
 
-_TORCH_DIR = __import__("os").path.dirname(torch.__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 def _broke_inside_torch(e) -> bool:

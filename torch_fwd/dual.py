@@ -199,8 +199,6 @@ class Dual(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         # no mode: Duals used directly; the innermost level among the arguments acts
-        # (hide_dispatch_from_dynamo replaces this by its disabled twin, which calls the
-        # undisabled dispatch: one disable wrapper an op, not two)
         return dispatch(func, args, kwargs, None, innermost_level((*args, *kwargs.values()) if kwargs else args))
 
 
@@ -341,7 +339,7 @@ def _split(full, level):
     return tuple(primals), tuple(tangents)
 
 
-def _dispatch_at(func, args, kwargs, mode, level):
+def dispatch(func, args, kwargs, mode, level):
     prev = _levels.handling
     _levels.handling = level
     try:
@@ -350,46 +348,42 @@ def _dispatch_at(func, args, kwargs, mode, level):
         _levels.handling = prev
 
 
-dispatch = _dispatch_at
+# Where Python enters our code from a tensor operation (a dispatch) or from a way out of
+# the tensor world: hidden from dynamo once it is in use (hide_dispatch_from_dynamo).
+_PYTHON_ENTRY_POINTS = ((DualMode, "__torch_dispatch__"), (Dual, "__torch_dispatch__"), (Dual, "tolist"),
+                        (Dual, "numpy"), (Dual, "__array__"), (Dual, "__dlpack__"), (Dual, "__dlpack_device__"),
+                        (Dual, "__deepcopy__"), (Dual, "data_ptr"), (Dual, "__repr__"))
+_hidden = [False]
+_on_dynamo_use: list = []
 
 
 def hide_dispatch_from_dynamo():
-    """Once dynamo is in use (capture.ensure_compiler_imported, the backend): the dispatch
-    under ``torch.compiler.disable``. Under torch.compile dynamo considers every Python
-    frame run between its graphs, ours too: where a function on Duals runs eagerly (after
-    a graph break inside DistributedDataParallel's forward, say), it compiled the rules'
-    own frames as regions of the user's function. (Not at import: importing dynamo takes
-    a second; the wrapper costs ~0.3 us an op.) Dual's own Python entry points (its
-    ``__torch_dispatch__``, the ways out of the tensor world) likewise: each would be a
-    frame dynamo compiles, and recompiles, for every op run between two graphs."""
-    global dispatch
-    if dispatch is _dispatch_at:
-        dispatch = torch.compiler.disable(_dispatch_at, recursive=True)
-        Dual.__torch_dispatch__ = classmethod(torch.compiler.disable(_dual_dispatch, recursive=True))
-        for name in _PYTHON_ENTRY_POINTS:
-            setattr(Dual, name, torch.compiler.disable(Dual.__dict__[name], recursive=True))
-        for hide in _on_dynamo_use:
-            hide()
-
-
-_on_dynamo_use: list = []
+    """Once dynamo is in use (capture.ensure_compiler_imported, the backend): our Python
+    entry points under ``torch.compiler.disable``. Under torch.compile dynamo considers
+    every Python frame run between its graphs, ours too: where a function on Duals runs
+    eagerly (after a graph break, inside DistributedDataParallel's forward), it compiled,
+    and recompiled, the rules' own frames as regions of the user's function. (Not at
+    import: importing dynamo takes a second; the wrapper costs ~0.3 us an op.)"""
+    if _hidden[0]:
+        return
+    _hidden[0] = True
+    for cls, name in _PYTHON_ENTRY_POINTS:
+        f = cls.__dict__[name]
+        if isinstance(f, classmethod):
+            setattr(cls, name, classmethod(torch.compiler.disable(f.__func__, recursive=True)))
+        else:
+            setattr(cls, name, torch.compiler.disable(f, recursive=True))
+    for hide in _on_dynamo_use:
+        hide()
 
 
 def on_dynamo_use(hide):
     """Register ``hide()``, called once dynamo is in use (hide_dispatch_from_dynamo): for
-    other Python code of ours that runs on Duals between graphs (rules/custom.py)."""
-    if dispatch is _dispatch_at:
-        _on_dynamo_use.append(hide)
-    else:
+    other Python code of ours that runs on Duals between graphs (rules/custom.py, api)."""
+    if _hidden[0]:
         hide()
-
-
-def _dual_dispatch(cls, func, types, args=(), kwargs=None):
-    return _dispatch_at(func, args, kwargs, None, innermost_level((*args, *kwargs.values()) if kwargs else args))
-
-
-_PYTHON_ENTRY_POINTS = ("tolist", "numpy", "__array__", "__dlpack__", "__dlpack_device__",
-                        "__deepcopy__", "data_ptr", "__repr__")
+    else:
+        _on_dynamo_use.append(hide)
 
 
 def _dispatch(func, args, kwargs, mode, level):

@@ -73,12 +73,15 @@ def _stack_line(n: fx.Node) -> str | None:
 
 _GRAD_MODE_SWITCHES = {torch._C._set_grad_enabled}
 
+#: ``aten_gm.meta`` key capture.to_aten sets: whether the function turned grad mode on or
+#: off inside (``torch.no_grad()`` around part of it). The ATen graph has lost the switch:
+#: a JVP graph built from it is right in value, but autograd differentiating it would
+#: differentiate the part the user excluded, so build_jvp_graph refuses it for autograd.
+SWITCHES_GRAD_MODE = "torch_fwd_switches_grad_mode"
+
 
 def switches_grad_mode(gm: fx.GraphModule) -> bool:
-    """Whether a graph dynamo captured turns grad mode on or off inside (``torch.no_grad()``
-    around part of the function). Its ATen lowering drops the switch: a JVP graph built
-    from it is right in value but, differentiated by autograd, would differentiate the
-    part the user excluded."""
+    """Whether a graph dynamo captured switches grad mode inside (see SWITCHES_GRAD_MODE)."""
     return any(n.op == "call_function" and n.target in _GRAD_MODE_SWITCHES for n in gm.graph.nodes)
 
 
@@ -175,6 +178,11 @@ def build_jvp_graph(aten_gm: fx.GraphModule, example_inputs, active_inputs, chun
     Inductor's, for a graph Inductor compiles without re-tracing it (backend.py).
     """
     from .capture import TRACE_LOCK, ensure_compiler_imported
+    if engine.for_autograd() and aten_gm.meta.get(SWITCHES_GRAD_MODE):
+        raise NotImplementedError(
+            "torch_fwd: the function turns grad mode on or off inside (torch.no_grad()), which a JVP "
+            "graph that autograd will differentiate cannot keep: path='auto' and 'eager' run it eagerly "
+            "(make_jvp_graph: for_autograd=False where nothing back-propagates)")
     ensure_compiler_imported()
     with TRACE_LOCK:
         return _build_jvp_graph(aten_gm, example_inputs, active_inputs, chunk, zeros_for_inactive,
