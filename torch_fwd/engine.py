@@ -86,13 +86,27 @@ class building_for_autograd:
         _for_autograd.on = self.prev
 
 
+def _autocast_keys():
+    """The autocast dispatch keys, which are excluded outside any ``torch.autocast``."""
+    keys = torch._C._dispatch_tls_local_exclude_set()  # (at import: outside autocast)
+    for name in dir(torch._C.DispatchKey):
+        if name.startswith("Autocast"):
+            keys = keys | torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, name))
+    return keys
+
+
+_AUTOCAST_KEYS = _autocast_keys()
+
+
 def above_dispatch():
     """Re-enable the dispatch keys above Python (autograd, forward AD, vmap) for code run
     from inside ``__torch_dispatch__``, where PyTorch excludes them. The fallbacks (forward
     AD, double vjp) and vmap-based rules need them. Modes still on the stack (make_fx's
-    proxy mode in the graph pass) keep seeing every op."""
+    proxy mode in the graph pass) keep seeing every op. Autocast stays off: the op reached
+    us already cast (its key is above Python), and a rule's own matmuls re-cast would
+    compute a float32 primal and tangent in bfloat16."""
     include = torch._C._dispatch_tls_local_include_set()
-    return torch._C._ForceDispatchKeyGuard(include, include - include)
+    return torch._C._ForceDispatchKeyGuard(include, _AUTOCAST_KEYS)
 
 
 def any_active(tangents) -> bool:
