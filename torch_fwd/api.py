@@ -13,6 +13,7 @@ from .backend import (compiled_regions, graph_regions_backend, jvp_patches, quie
                       torch_fwd_backend)
 from .capture import (TRACE_LOCK, CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, ensure_compiler_imported,
                       guard_settings, regions_settings, to_aten)
+from .distributed import fsdp_hooks_on_duals
 from .dual import Dual, UntrackedWrite, breaking_untracked_writes, on_dynamo_use, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .engine import building_for_autograd
@@ -613,13 +614,15 @@ def _eager(func, flat_p, ts, spec, chunk, has_aux, dual_mode=True):
     else:
         args, targs = pytree.tree_unflatten(flat_p, spec), pytree.tree_unflatten(cloned, spec)
     try:
-        raw, traw = _run_with_duals(func, args, {}, targs, {}, dual_mode)
+        with fsdp_hooks_on_duals():
+            raw, traw = _run_with_duals(func, args, {}, targs, {}, dual_mode)
     except RuntimeError as e:
         if "resize_() on an invalid python storage" in str(e):
             raise RuntimeError(
                 "torch_fwd: the function resized the storage of a tensor made while it ran, as FSDP2's "
-                "fully_shard does to free and regather its parameters; the eager path's tensors hold their "
-                "values in a wrapper without storage of its own, so FSDP2 is not supported yet (DDP is).") from e
+                "fully_shard does to free and regather its parameters, outside the FSDP2 forward hooks that "
+                "torch_fwd knows how to run; the eager path's tensors hold their values in a wrapper without "
+                "storage of its own.") from e
         raise
     res, aux = _split_aux(raw, has_aux)
     tres = traw[0] if has_aux else traw

@@ -458,9 +458,14 @@ class GuardedCapture:
                 self.failed_keys[(key_fn(), ikey)] = (str(e), e.nested_jvp, e.user_error, e.regions)
                 raise
             nested, user = _causes(e)
-            why = (f"{type(e).__name__}: {e}", nested, user,
-                   not (nested or user) and type(e).__module__.startswith("torch._dynamo")
-                   and not _broke_inside_torch(e))
+            inside = _broke_inside_torch(e)
+            msg = f"{type(e).__name__}: {e}"
+            if inside:  # (dynamo's long explanation is about torch's code, not the user's)
+                frame = e.real_stack[-1]
+                msg = (f"a graph break inside torch ({os.path.relpath(frame.filename, _TORCH_DIR)}:{frame.lineno} "
+                       f"in {frame.name}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            why = (msg, nested, user,
+                   not (nested or user) and type(e).__module__.startswith("torch._dynamo") and not inside)
             self.failed_keys[(key_fn(), ikey)] = why
             raise CaptureFailed(*why) from e
         finally:

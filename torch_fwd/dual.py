@@ -274,6 +274,21 @@ def outside_mode(level):
         yield
 
 
+@contextlib.contextmanager
+def outside_modes():
+    """Code run as if no DualMode were active: the DualModes at the top of the mode stack
+    (every level's) are popped while the block runs, so plain tensors it makes stay plain.
+    (PyTorch's _pop_mode_temporarily; without it, nothing is popped.)"""
+    from torch.utils import _python_dispatch as pd
+    if not (hasattr(pd, "_get_current_dispatch_mode") and hasattr(pd, "_pop_mode_temporarily")):
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        while isinstance(pd._get_current_dispatch_mode(), DualMode):
+            stack.enter_context(pd._pop_mode_temporarily())
+        yield
+
+
 def _mine(x, level):
     return isinstance(x, Dual) and x._level == level
 

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.func import functional_call
 
+from .distributed import check_same_on_ranks, fsdp_owners, full_tangent, parameter_tangents, sharded_parameter
+
 from .api import jvp
 
 __all__ = ["JVP"]
@@ -116,6 +118,9 @@ class JVP(nn.Module):
 
         params = dict(self.module.named_parameters())
         p_primals, p_tangents = [], []
+        owners = fsdp_owners(self.module) if self._param_names else {}
+        sharded = [n for n in self._param_names if n in owners]
+        names = [n for n in self._param_names if n not in owners]
         if self._param_names:
             if not isinstance(param_tangents, dict):
                 raise TypeError(f"JVP: param_tangents must be a dict from parameter name to tangent, got "
@@ -124,12 +129,17 @@ class JVP(nn.Module):
             if unknown:
                 raise ValueError(f"JVP: param_tangents has names that are not differentiated here: {unknown}")
             k = self._chunk_of(list(param_tangents.values()) + input_tangents)
-            for n in self._param_names:
+            for n in names:
                 p = params[n]
                 t = param_tangents.get(n)
                 if t is None:
                     t = torch.zeros(((k,) if self.chunked else ()) + tuple(p.shape), dtype=p.dtype, device=p.device)
                 p_primals.append(p)
+                p_tangents.append(t)
+            # FSDP2 gathers these only inside the forward: their tangents ride on carriers
+            # (zero-stride primals) and are attached to the gathered parameters there
+            for n, t in _sharded_tangents(sharded, owners, param_tangents, self.chunked, k).items():
+                p_primals.append(torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape[self.chunked:]))
                 p_tangents.append(t)
         else:
             k = self._chunk_of(input_tangents)
@@ -138,7 +148,6 @@ class JVP(nn.Module):
         buffers = [(n, b) for n, b in self.module.named_buffers() if b.is_floating_point()]
         b_tangents = [torch.zeros(((k,) if self.chunked else ()) + tuple(b.shape), dtype=b.dtype, device=b.device)
                       for _, b in buffers]
-        names = list(self._param_names)
         module = self.module
         leaves_box = {}
 
@@ -149,7 +158,15 @@ class JVP(nn.Module):
             kw.update(zip(kw_slots, diff_inputs[len(arg_slots):]))
             state = dict(zip(names, diff_params))
             state.update(zip([n for n, _ in buffers], bufs))
-            out = functional_call(module, state, tuple(full), kw)
+            if sharded:  # (eager only: see below)
+                carriers = {}
+                for n, carrier in zip(sharded, diff_params[len(names):]):
+                    owner, m, attr = owners[n]
+                    carriers.setdefault(owner, []).append((m, attr, carrier))
+                with parameter_tangents(carriers):
+                    out = functional_call(module, state, tuple(full), kw)
+            else:
+                out = functional_call(module, state, tuple(full), kw)
             leaves, spec = pytree.tree_flatten(out)
             leaves_box["spec"] = spec
             leaves_box["other"] = {j: x for j, x in enumerate(leaves) if not isinstance(x, torch.Tensor)}
@@ -158,7 +175,14 @@ class JVP(nn.Module):
         primals = (tuple(args[i] for i in arg_slots) + tuple(kwargs[k] for k in kw_slots), tuple(p_primals),
                    tuple(b for _, b in buffers))
         tans = (tuple(input_tangents), tuple(p_tangents), tuple(b_tangents))
-        out, tout = jvp(call, primals, tans, chunked=self.chunked, path=self.path, compile=self.compile)
+        path, compile = self.path, self.compile
+        if sharded:
+            if path == "graph" or compile is not False:
+                raise ValueError(f"JVP: tangents of parameters that FSDP2 shards (e.g. {sharded[0]!r}) are "
+                                 f"attached on the eager path, which path={path!r}, compile={compile!r} rule out: "
+                                 f"use path='auto' or 'eager' without compile")
+            path = "eager"
+        out, tout = jvp(call, primals, tans, chunked=self.chunked, path=path, compile=compile)
         other = leaves_box["other"]
         n = len(out) + len(other)
         it, tit = iter(out), iter(tout)
@@ -174,3 +198,28 @@ class JVP(nn.Module):
             if isinstance(t, torch.Tensor):
                 return t.shape[0]
         raise ValueError("JVP(chunked=True): no tangent to take K from")
+
+
+def _sharded_tangents(names, owners, param_tangents, chunked, k):
+    """The full tangents of the FSDP2-managed parameters ``names`` (zeros where none is
+    given), after checking that every rank passes the same kinds of tangents (a rank
+    passing others would enter other collectives and hang)."""
+    if not names:
+        return {}
+    given = {n: param_tangents.get(n) for n in names}
+    structure = [(n, type(t).__name__, tuple(t.shape) if isinstance(t, torch.Tensor) else None,
+                  str(t.dtype) if isinstance(t, torch.Tensor) else None,
+                  tuple(map(str, t.placements)) if hasattr(t, "placements") else None) for n, t in given.items()]
+    mesh = sharded_parameter(*owners[names[0]][1:]).device_mesh
+    for dim in range(mesh.ndim):
+        check_same_on_ranks(mesh.get_group(dim), "param_tangents", structure)
+    full = {}
+    for n, t in given.items():
+        _, m, attr = owners[n]
+        if t is None:
+            p = sharded_parameter(m, attr)
+            t = torch.zeros(((k,) if chunked else ()) + tuple(p.shape), dtype=p.dtype, device=p.device)
+        else:
+            t = full_tangent(n, m, attr, t, chunked)
+        full[n] = t
+    return full
