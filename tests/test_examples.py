@@ -1,10 +1,19 @@
 """The worked examples in examples/ run, and what they compute is right."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import torch_fwd
 from examples import forward_gradient, meanflow, ntk
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_meanflow_step_matches_torch_func_with_math_attention():
@@ -32,6 +41,28 @@ def test_meanflow_step_matches_torch_func_with_math_attention():
 def test_meanflow_trains():
     _, losses = meanflow.main(steps=4, batch=4, verbose=False)
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.parametrize("how", ["ddp", "fsdp2"])
+def test_meanflow_under_torchrun_matches_one_process(tmp_path, how):
+    """The README's command for a few steps: 2 gloo processes on the CPU train on halves
+    of the same global batch; the losses equal one process's on the whole batch."""
+    out = tmp_path / "losses.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "examples.meanflow", "--distributed", how, "--steps", "3", "--batch", "8", "--losses", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, text=True)
+    try:
+        log, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started
+        log, _ = proc.communicate(timeout=30)
+        pytest.fail(f"torchrun did not finish in 240 s:\n{log[-3000:]}")
+    assert proc.returncode == 0, log[-3000:]
+    losses = json.loads(out.read_text())
+    _, reference = meanflow.main(steps=3, batch=8, verbose=False)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-4, atol=1e-6)
 
 
 def test_forward_gradient_directional_derivatives_are_exact_and_training_descends():
