@@ -191,6 +191,12 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
     else:
         flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
         nested = _inside_another_transform(flat_p, flat_t)
+    dtensors = path != "eager" and any(_is_dtensor(x) for x in flat_p)
+    if dtensors:
+        if path == "graph" or compile_opts is not None:
+            raise ValueError(f"jvp: DTensor primals run on the eager path (their tangents are carried inside "
+                             f"their local tensors), which path={path!r}, compile={compile!r} rule out")
+        path = "eager"
     # K = 1 inside; tangents contiguous (the JVP graph is traced for contiguous tangents).
     # A JVP graph, compiled or not, takes and gives one direction's tangents as they are
     # (the K added and removed inside it, where it costs nothing or is rewritten away:
@@ -237,7 +243,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
             else:
                 why = f"eager ({e})"
     else:
-        why = "eager (requested)"
+        why = "eager (DTensor primals)" if dtensors else "eager (requested)"
     if out is None:
         out = _eager(func, flat_p, ts, spec, chunk, has_aux)
     _last_path.value = why  # after the call: a jvp nested inside reported its own path first
@@ -253,6 +259,10 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
 # ---------------------------------------------------------------------------------------
 
 _COMPILE_KEYS = ("fullgraph", "mode", "options", "dynamic")
+
+
+def _is_dtensor(x) -> bool:
+    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
 
 
 def _compile_options(func, compile, path):

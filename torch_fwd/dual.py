@@ -22,6 +22,7 @@ inner one, and the two perturbations never mix.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 
 import torch
@@ -198,6 +199,8 @@ class Dual(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if len(types) > 1 and _outer_subclass(types, args, kwargs):
+            return NotImplemented
         # no mode: Duals used directly; the innermost level among the arguments acts
         return dispatch(func, args, kwargs, None, innermost_level((*args, *kwargs.values()) if kwargs else args))
 
@@ -257,7 +260,83 @@ class DualMode(TorchDispatchMode):
         self.level = level
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if types and _outer_subclass(types, args, kwargs):
+            return NotImplemented
         return dispatch(func, args, kwargs, self, self.level)
+
+
+_DTENSOR_MODULE = "torch.distributed.tensor._api"
+
+
+def _dtensor_class():
+    """DTensor's class, or None where it was never imported (then no DTensor exists)."""
+    mod = sys.modules.get(_DTENSOR_MODULE)
+    return getattr(mod, "DTensor", None) if mod is not None else None
+
+
+def _outer_subclass(types, args=(), kwargs=None) -> bool:
+    """Whether an op's arguments include a DTensor: DTensor's own dispatch runs it first
+    (returning NotImplemented hands it the op), and runs the op again on its local
+    tensors, which are Duals where they carry tangents. So Duals sit inside DTensors,
+    never around them: DTensor's sharding rules see DTensors, ours see Duals.
+
+    The rules then run below DTensor's autograd, which records the DTensor op and not
+    what the rule does: gradients would miss the JVP. So in grad mode, a DTensor that
+    requires grad is refused here, loudly."""
+    cls = _dtensor_class()
+    if cls is None or not any(issubclass(t, cls) for t in types):
+        return False
+    if torch.is_grad_enabled():
+        for a in pytree.tree_leaves((args, kwargs)):
+            if isinstance(a, cls) and a.requires_grad:
+                raise NotImplementedError(
+                    "torch_fwd: autograd through DTensors (tensor parallel) is not supported on the eager path: "
+                    "the JVP runs on their local tensors, below DTensor's autograd, so gradients would miss it. "
+                    "Compute the JVP under torch.no_grad() (its values are exact), or train with FSDP2 or DDP, "
+                    f"which torch_fwd trains through.\n  at {user_source_line()}")
+    return True
+
+
+def _shift(placements):
+    """A tangent's placements: its primal's, with sharded dims one further (K in front)."""
+    from torch.distributed.tensor import Shard
+    shifted = []
+    for pl in placements:
+        if isinstance(pl, Shard):
+            sf = getattr(pl, "split_factor", None)
+            pl = type(pl)(pl.dim + 1, split_factor=sf) if sf is not None else type(pl)(pl.dim + 1)
+        shifted.append(pl)
+    return tuple(shifted)
+
+
+def _dtensor_of_dual(p, t, chunk, level):
+    """A DTensor argument with its tangent (a DTensor of shape (K, *p.shape), or a full
+    plain tensor): a DTensor whose local tensor is a Dual of the local primal and tangent."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    mesh, placements = p.device_mesh, p.placements
+    if t is not None:
+        if isinstance(t, DTensor):
+            t = t.redistribute(mesh, _shift(placements)).to_local()
+        else:  # a full tangent: this rank's shard of it
+            t = distribute_tensor(t, mesh, _shift(placements)).to_local()
+    local = Dual(p.to_local(), t, chunk=chunk, level=level)
+    return DTensor.from_local(local, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def _split_dtensor(x, level):
+    """(primal, tangent) DTensors of a DTensor output whose local tensor is a Dual."""
+    from torch.distributed.tensor import DTensor
+    local = x.to_local()
+    if not _mine(local, level):
+        return x, None
+    mesh, placements = x.device_mesh, x.placements
+    primal = DTensor.from_local(local.primal, mesh, placements, run_check=False, shape=x.shape, stride=x.stride())
+    t = local.tangent
+    if t is None:
+        return primal, None
+    shape = (t.shape[0],) + tuple(x.shape)
+    stride = torch.empty(shape, device="meta").stride()
+    return primal, DTensor.from_local(t, mesh, _shift(placements), run_check=False, shape=shape, stride=stride)
 
 
 @contextlib.contextmanager
@@ -686,7 +765,11 @@ def run_with_duals(fn, args, kwargs, targs, tkwargs, dual_mode=True):
         return fn(*args, **kwargs), None
 
     with entered_level() as level:
+        dtensor = _dtensor_class()
+
         def wrap(p, t):
+            if dtensor is not None and isinstance(p, dtensor):
+                return _dtensor_of_dual(p, t, chunk, level)
             if isinstance(p, torch.Tensor):
                 return Dual(p, t, chunk=chunk, level=level)
             return p
@@ -719,4 +802,9 @@ def unwrap_tree(out, level=None):
         level = innermost_level(flat)
     prim = [x.primal if _mine(x, level) else x for x in flat]
     tan = [x.tangent if _mine(x, level) else None for x in flat]
+    dtensor = _dtensor_class()
+    if dtensor is not None:
+        for i, x in enumerate(flat):
+            if isinstance(x, dtensor):
+                prim[i], tan[i] = _split_dtensor(x, level)
     return pytree.tree_unflatten(prim, spec), pytree.tree_unflatten(tan, spec)
