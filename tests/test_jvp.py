@@ -346,16 +346,43 @@ def test_capture_cache_keeps_what_is_used_and_skips_unhashable_callables():
         def __call__(self, x):
             return torch.sin(x)
 
+    def make(i):  # a new closure cell each time: a function of its own
+        return lambda x: torch.sin(x) * i
+
     x, v = rand(3), rand(3)
     torch_fwd.jvp(hot, (x,), (v,))
     for i in range(api._CAPTURE_CACHE_SIZE + 20):
-        torch_fwd.jvp(lambda x: torch.sin(x) * 2, (x,), (v,))
+        torch_fwd.jvp(make(i), (x,), (v,))
         torch_fwd.jvp(hot, (x,), (v,))  # used all along: never the least recent
-    assert hot in api._captures
+    assert api._same_function_key(hot) in api._captures
+    assert len(api._captures) == api._CAPTURE_CACHE_SIZE
     n = len(api._captures)
     _, t = torch_fwd.jvp(Unhashable(), (x,), (v,))
     torch.testing.assert_close(t, torch.cos(x) * v)
     assert len(api._captures) == n
+
+
+def test_a_lambda_made_anew_each_call_reuses_one_capture():
+    """The same code over the same cells is one function to the capture cache: a lambda
+    written in a training loop is not captured (or, failing, retried) anew each step.
+    Different closure contents or defaults are never served another's capture."""
+    from torch_fwd import api
+    w = rand(3)
+    x, v = rand(3), rand(3)
+    keys = set()
+    for _ in range(3):
+        f = lambda a: torch.sin(a) * w  # noqa: E731
+        _, t = torch_fwd.jvp(f, (x,), (v,))
+        torch.testing.assert_close(t, torch.cos(x) * v * w)
+        keys.add(api._same_function_key(f))
+        assert api._captures[api._same_function_key(f)] is api._capture_for(f)
+    assert len(keys) == 1
+    for s in (2.0, 3.0):  # same code, other defaults
+        _, t = torch_fwd.jvp(lambda a, s=s: a * s, (x,), (v,))
+        torch.testing.assert_close(t, v * s)
+    for s in (2.0, 3.0):  # same code, other cells
+        _, t = torch_fwd.jvp((lambda k: (lambda a: a * k))(s), (x,), (v,))
+        torch.testing.assert_close(t, v * s)
 
 
 @pytest.mark.parametrize("path", ["eager", "graph"])

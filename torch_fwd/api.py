@@ -5,6 +5,7 @@ import collections
 import contextlib
 import math
 import threading
+import types
 
 import torch
 import torch.utils._pytree as pytree
@@ -123,7 +124,23 @@ def _signature(flat_p, chunk):
 
 
 def _capture_for(func):
-    return _cached(func, GuardedCapture)
+    key = _same_function_key(func)
+    return _cached(func, GuardedCapture) if key is None else _cached(key, lambda _k: GuardedCapture(func))
+
+
+def _same_function_key(func):
+    """A key shared by function objects that are the same function: the same code over the
+    same closure cells, globals and defaults (a lambda written inside a training loop is
+    a new object each step, and would be captured, or fail to be, anew each step). The
+    cache holds the first such object, and so its cells: their ids cannot be reused while
+    the key lives. None for other callables (keyed by themselves)."""
+    if isinstance(func, types.MethodType):
+        inner = _same_function_key(func.__func__)
+        return None if inner is None else ("method", id(func.__self__), inner)
+    if type(func) is not types.FunctionType:
+        return None
+    return ("function", func.__code__, tuple(id(c) for c in func.__closure__ or ()), id(func.__globals__),
+            id(func.__defaults__), id(func.__kwdefaults__))
 
 
 def _cached(key, make):
