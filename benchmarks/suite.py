@@ -386,6 +386,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--no-jacobian", action="store_true", help="skip the Jacobian section")
+    ap.add_argument("--no-distributed", action="store_true",
+                    help="skip the distributed training step (2 processes, DDP and FSDP2)")
     ap.add_argument("--no-compile", action="store_true",
                     help="skip the compiled columns (Inductor compiles each case: minutes on a CPU)")
     ap.add_argument("--systems", default=None, help="comma-separated column names (default: all)")
@@ -425,6 +427,9 @@ def main(argv=None):
     if not args.quick and not args.no_jacobian:
         from benchmarks import jacobian
         jacobian.main(["--out", args.out])
+    if not args.quick and not args.no_distributed and torch.distributed.is_available():
+        from benchmarks import distributed
+        distributed.main(["--out", args.out])
     return rows
 
 

@@ -79,3 +79,16 @@ def test_gpu_profile_runs_on_cpu_and_reports_every_path(capsys):
     for path in gpu_profile.PATHS:
         assert f"## sum_1000, {path} (" in out, path
     assert out.count("ncalls") == len(gpu_profile.PATHS)
+
+
+def test_distributed_training_step_rows(tmp_path, capsys):
+    """benchmarks.distributed on a tiny MLP: both wrappers measured by both systems, the
+    table and JSON written."""
+    from benchmarks import distributed
+    rows = distributed.main(["--steps", "1", "--width", "8", "--depth", "1", "--batch", "4", "--out", str(tmp_path)])
+    for how in distributed.WRAPPERS:
+        assert not isinstance(rows[how], str), rows[how]
+        times, why = rows[how]
+        assert set(times) == {"primal", *distributed.SYSTEMS} and all(t > 0 for t in times.values())
+    assert "| ddp |" in (tmp_path / "distributed.md").read_text()
+    assert json.loads((tmp_path / "distributed.json").read_text())["meta"]["width"] == 8
