@@ -495,6 +495,28 @@ def refused_all_reduce_max(rank, _):
     return _error_of(lambda: torch_fwd.jvp(lambda a: fc.all_reduce(a, "max", dist.group.WORLD) * 1.0, (x,), (x,)))
 
 
+def refused_tp_placements(rank, _):
+    import torch_fwd
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    net, _ = _tp("mlp")
+    p = net.up.weight  # Shard(0)
+    bad = distribute_tensor(torch.ones(p.shape, dtype=D), p.device_mesh, [Replicate()])
+    x, _ = _tp_input("mlp", rank)
+    with torch.no_grad():
+        return _error_of(lambda: torch_fwd.JVP(net, wrt=["up.weight"])(x, param_tangents={"up.weight": bad}))
+
+
+def refused_tp_ranks_differ(rank, _):
+    import torch_fwd
+    net, ref = _tp("mlp")
+    given = {"up.weight": torch.ones(ref.up.weight.shape, dtype=D)}
+    if rank == 1:
+        given["down.bias"] = torch.ones(ref.down.bias.shape, dtype=D)
+    x, _ = _tp_input("mlp", rank)
+    with torch.no_grad():
+        return _error_of(lambda: torch_fwd.JVP(net, wrt="params")(x, param_tangents=given))
+
+
 def refused_tp_autograd(rank, _):
     """In grad mode the JVP would run below DTensor's autograd: refused, not a gradient
     that silently misses the JVP."""
@@ -596,6 +618,8 @@ def test_equal_to_a_single_process(ddp_results, name):
     ("fsdp2_ranks_differ", ["ValueError", "ranks pass different param_tangents"]),
     ("fsdp1", ["NotImplementedError", "FullyShardedDataParallel (FSDP1) is not supported", "fully_shard"]),
     ("all_reduce_max", ["NotImplementedError", "all_reduce with reduce_op='max'"]),
+    ("tp_placements", ["ValueError", "tangent DTensor has placements (Replicate(),)", "primal has (Shard(dim=0),)"]),
+    ("tp_ranks_differ", ["ValueError", "ranks pass different tangents"]),
     ("tp_autograd", ["NotImplementedError", "autograd through DTensors (tensor parallel)", "torch.no_grad()"]),
 ])
 def test_bad_input_is_refused_on_every_rank(ddp_results, name, expected):

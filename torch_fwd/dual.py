@@ -316,9 +316,14 @@ def _dtensor_of_dual(p, t, chunk, level):
     mesh, placements = p.device_mesh, p.placements
     if t is not None:
         if isinstance(t, DTensor):
-            t = t.redistribute(mesh, _shift(placements)).to_local()
-        else:  # a full tangent: this rank's shard of it
-            t = distribute_tensor(t, mesh, _shift(placements)).to_local()
+            if t.device_mesh != mesh or tuple(t.placements) != _shift(placements):
+                raise ValueError(
+                    f"jvp: a tangent DTensor has placements {tuple(t.placements)} (K first) on {t.device_mesh}, "
+                    f"but its primal has {tuple(placements)} on {mesh}: give the tangent its primal's mesh "
+                    f"and placements, or pass a full tensor")
+            t = t.to_local()
+        else:  # a full tangent: this rank's shard of it, cut here (no collective)
+            t = distribute_tensor(t, mesh, _shift(placements), src_data_rank=None).to_local()
     local = Dual(p.to_local(), t, chunk=chunk, level=level)
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=p.shape, stride=p.stride())
 
