@@ -82,12 +82,18 @@ def _fresh(unused=False):
 
 def _jvp_step(net, ddp, rank, **options):
     """One training step with torch_fwd.jvp of the DDP module in the loss."""
+    return _input_jvp_step(ddp, lambda: _grads(net), net, rank, **options)
+
+
+def _input_jvp_step(forward, grads, ref, rank, **options):
+    """One training step with torch_fwd.jvp of ``forward`` (w.r.t. its input) in the loss:
+    (``grads()`` after it, the reference gradients of ``ref``, explain())."""
     import torch_fwd
     x, v = _batch(rank)
-    out, t = torch_fwd.jvp(lambda a: ddp(a), (x,), (v,), **options)
+    out, t = torch_fwd.jvp(lambda a: forward(a), (x,), (v,), **options)
     why = torch_fwd.explain()
     _loss(out, t).backward()
-    return _grads(net), _reference(net), why
+    return grads(), _reference(ref), why
 
 
 def scenario_jvp(rank, ddp_cls):
@@ -211,14 +217,9 @@ def _param_directions(net):
 
 
 def _fsdp_inputs(rank, reshard, checkpointed=False, **options):
-    import torch_fwd
     ref = _deep()  # (torch.func.jvp through a checkpoint fails its recomputation check)
     net = _shard(_deep(checkpointed=checkpointed), reshard_after_forward=reshard)
-    x, v = _batch(rank)
-    out, t = torch_fwd.jvp(lambda a: net(a), (x,), (v,), **options)
-    why = torch_fwd.explain()
-    _loss(out, t).backward()
-    return _full_grads(net), _reference(ref), why
+    return _input_jvp_step(net, lambda: _full_grads(net), ref, rank, **options)
 
 
 def scenario_fsdp2_inputs_resharded(rank, _):
