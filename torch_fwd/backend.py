@@ -398,31 +398,39 @@ class _TangentGraph:
     def __call__(self, *args):
         level = innermost_level(args)
         prims, tans, chunk = [], [], None
-        for a in args:
-            if isinstance(a, Dual) and a._level == level:
-                prims.append(a.primal)
+        layout, requires_grad, nested = [], False, False
+        for a in args:  # (one pass: this runs once per region call)
+            if type(a) is Dual and a._level == level:
+                p = a.primal
                 t = a.tangent
-                tans.append(t)
                 if chunk is None:
                     chunk = a._chunk
+                if t is not None:
+                    requires_grad = requires_grad or t.requires_grad
             else:
-                prims.append(a)
-                tans.append(None)
-        if chunk is None or any(isinstance(p, Dual) for p in prims):
+                p, t = a, None
+            if isinstance(p, torch.Tensor):
+                nested = nested or isinstance(p, Dual)
+                requires_grad = requires_grad or p.requires_grad
+                layout.append((p.shape, p.stride(), p.dtype, t is not None))
+            else:
+                layout.append((p, t is not None))
+            prims.append(p)
+            tans.append(t)
+        if chunk is None or nested:
             # no tangent at all (K unknown), or Duals of an enclosing level (a nested jvp):
             # the eager path differentiates at every level
             return self._eager(args, "no input carries a tangent" if chunk is None
                                else "Duals of two levels (a nested jvp)")
-        grad = torch.is_grad_enabled() and any(
-            isinstance(x, torch.Tensor) and x.requires_grad for x in prims + tans)
-        key = (tuple(t is not None for t in tans), chunk, registry.generation(), grad,
-               tuple((tuple(p.shape), p.stride(), p.dtype) if isinstance(p, torch.Tensor) else p for p in prims))
+        grad = requires_grad and torch.is_grad_enabled()
+        key = (chunk, registry.generation(), grad, tuple(layout))
         entry = self.compiled.get(key)
         if entry is None:
             with self.lock:
                 entry = self.compiled.get(key)
                 if entry is None:
-                    entry = self.compiled[key] = self._compile(prims, tans, key[0], chunk, grad)
+                    active = tuple(t is not None for t in tans)
+                    entry = self.compiled[key] = self._compile(prims, tans, active, chunk, grad)
         if isinstance(entry, str):
             return self._eager(args, entry)
         outs, touts, mutated = entry(prims, [t.contiguous() if t is not None else None for t in tans])
@@ -462,4 +470,6 @@ class _TangentGraph:
         # when contiguous)
         if not isinstance(o, torch.Tensor) or not (o.is_floating_point() or o.is_complex()):
             return o
-        return Dual(o, t, chunk=chunk, level=level)
+        if isinstance(o, Dual):
+            return Dual(o, t, chunk=chunk, level=level)
+        return Dual._checked_by_caller(o, t, chunk, level)

@@ -109,6 +109,20 @@ class Dual(torch.Tensor):
         r._level = level
         return r
 
+    @staticmethod
+    def _checked_by_caller(primal, tangent, chunk, level, view_of=None):
+        """A Dual made by torch_fwd itself from a rule's checked output (the hot path of
+        every op): the constructor's argument checks skipped, nothing else."""
+        r = torch.Tensor._make_wrapper_subclass(
+            Dual, primal.size(), strides=primal.stride(), storage_offset=primal.storage_offset(),
+            dtype=primal.dtype, layout=primal.layout, device=primal.device, requires_grad=False)
+        r.primal = primal
+        r._tangent = tangent
+        r._view_of = view_of
+        r._chunk = chunk if chunk is not None else (tangent.shape[0] if tangent is not None else None)
+        r._level = level
+        return r
+
     def __init__(self, primal, tangent=None, *, chunk=None, _view_of=None, level=None):
         if tangent is not None:
             if not isinstance(tangent, torch.Tensor):
@@ -589,7 +603,9 @@ def _wrap(func, out, tout, mode, view_base, primals, level, index=None):
             return out
         if tout is None and not is_differentiable(out):
             return out
-        return Dual(out, tout, chunk=mode.chunk if mode is not None else None, _view_of=view_of, level=level)
+        if isinstance(out, Dual):  # (a rule's output on an enclosing level's Duals: the checks apply)
+            return Dual(out, tout, chunk=mode.chunk if mode is not None else None, _view_of=view_of, level=level)
+        return Dual._checked_by_caller(out, tout, mode.chunk if mode is not None else None, level, view_of)
     if isinstance(out, (tuple, list)):
         touts = tout if tout is not None else [None] * len(out)
         items = [_wrap(func, o, t, mode, view_base, primals, level, i) for i, (o, t) in enumerate(zip(out, touts))]
