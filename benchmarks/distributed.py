@@ -97,7 +97,7 @@ def _worker(rank, port, args, results):
         dist.destroy_process_group()
 
 
-def run(width=256, depth=4, batch=64, steps=10, wrappers=WRAPPERS, timeout=600):
+def run(width=256, depth=4, batch=64, steps=30, wrappers=WRAPPERS, timeout=600):
     """{wrapper: ({system: seconds}, explain) or an error string}, as rank 0 measured."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,7 +148,7 @@ def markdown(meta, rows):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=4)
     ap.add_argument("--batch", type=int, default=64)
