@@ -230,6 +230,28 @@ def scenario_fsdp2_inputs_kept(rank, _):
     return _fsdp_inputs(rank, reshard=False)
 
 
+def scenario_fsdp2_blocks_reshard_during_backward(rank, _):
+    """Each block's parameters are resharded and their gradients reduce-scattered when
+    the backward reaches the block's inputs, as without torch_fwd: not all at the end of
+    the backward (every block's parameters gathered until then)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_state import FSDPState
+    seen = []
+    final = FSDPState._root_post_backward_final_callback
+
+    def recording(state):
+        seen.append([g._training_state.name for b in net.blocks for g in b._get_fsdp_state()._fsdp_param_groups])
+        return final(state)
+    ref = _deep()
+    net = _shard(_deep(), reshard_after_forward=True)
+    FSDPState._root_post_backward_final_callback = recording
+    try:
+        result = _input_jvp_step(net, lambda: _full_grads(net), ref, rank)
+    finally:
+        FSDPState._root_post_backward_final_callback = final
+    assert seen == [["POST_BACKWARD", "POST_BACKWARD"]], seen
+    return result
+
+
 def scenario_fsdp2_compiled(rank, _):
     return _fsdp_inputs(rank, reshard=True, compile=True)
 

@@ -135,10 +135,11 @@ def _pre_hook(original, state):
             return original(module, *rest)
         with outside_modes():
             out = original(module, *rest)
+        if torch.is_grad_enabled() and len(getattr(state, "_modules", ())) == 1:
+            out = _post_backward_on_inner(state, rest if out is None else out)
         _attach(module)
         return out
-    hook._torch_fwd_original = original
-    return hook
+    return _eager_hook(hook, original)
 
 
 def _post_hook(original, state):
@@ -157,8 +158,47 @@ def _post_hook(original, state):
                 if t.requires_grad:
                     t.register_hook(state._pre_backward)
         return out
+    return _eager_hook(hook, original)
+
+
+def _eager_hook(hook, original):
+    """``hook`` as FSDP2's own hooks are: never traced by dynamo (under jvp(compile=True)
+    a module's hooks run between its compiled regions, on Duals)."""
+    hook = torch.compiler.disable(hook, recursive=True)
     hook._torch_fwd_original = original
     return hook
+
+
+def _post_backward_on_inner(state, args_kwargs):
+    """FSDP2 reshards a module's parameters and reduce-scatters their gradients when the
+    gradients of the module's inputs are computed (its post-backward Function on the
+    inputs that require grad); the inputs here are Duals, which do not, so it would wait
+    for the end of the backward, every module's parameters gathered until then. The
+    Function goes on the plain tensors inside the Dual inputs instead, and the module
+    gets Duals of its outputs. (Single-module fully_shard only: a grouped one registers
+    once for the group, which this per-module hook cannot tell.)"""
+    import torch.utils._pytree as pytree
+    leaves, spec = pytree.tree_flatten(args_kwargs)
+    duals = [(i, x) for i, x in enumerate(leaves) if type(x) is Dual]
+    inner = [t for _, d in duals for t in (d.primal, d.tangent)
+             if isinstance(t, torch.Tensor) and not isinstance(t, Dual) and t.requires_grad]
+    if not inner:
+        return args_kwargs
+    for group in getattr(state, "_fsdp_param_groups", ()):
+        register = getattr(group, "_register_post_backward_hook", None)
+        if register is None:
+            return args_kwargs
+        new, _ = register(tuple(inner), {})
+        inner = list(new)
+    replaced = iter(inner)
+    for i, d in duals:
+        p, t = d.primal, d.tangent
+        if isinstance(p, torch.Tensor) and not isinstance(p, Dual) and p.requires_grad:
+            p = next(replaced)
+        if isinstance(t, torch.Tensor) and not isinstance(t, Dual) and t.requires_grad:
+            t = next(replaced)
+        leaves[i] = Dual(p, t, chunk=d._chunk, level=d._level)
+    return pytree.tree_unflatten(leaves, spec)
 
 
 def _plain_inside_duals(tree):
