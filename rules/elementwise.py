@@ -256,6 +256,8 @@ reg(aten.maximum.default, elementwise(aten.maximum.default, lambda a, b, y: _tie
 reg(aten.minimum.default, elementwise(aten.minimum.default, lambda a, b, y: _tie(b, a, y), lambda a, b, y: _tie(a, b, y)))
 reg(aten.fmod.Tensor, elementwise(aten.fmod.Tensor, lambda a, b, y: torch.ones_like(y), lambda a, b, y: -torch.trunc(a / b)))
 reg(aten.fmod.Scalar, linear(aten.fmod.Scalar, lambda t, *a: t, homogeneous=False))
+# the float next to a towards b: a itself to first order (torch 2.12 has no formula of its own)
+reg(aten.nextafter.default, elementwise(aten.nextafter.default, lambda a, b, y: 1.0, None))
 reg(aten.remainder.Tensor, elementwise(aten.remainder.Tensor, lambda a, b, y: torch.ones_like(y), lambda a, b, y: -torch.floor(a / b)))
 reg(aten.remainder.Scalar, linear(aten.remainder.Scalar, lambda t, *a: t, homogeneous=False))
 reg(aten.logaddexp.default, elementwise(aten.logaddexp.default, lambda a, b, y: torch.exp(a - y), lambda a, b, y: torch.exp(b - y)))
@@ -334,6 +336,7 @@ TEST_CASES = [
         ("minimum", torch.minimum), ("hypot", torch.hypot), ("logaddexp", torch.logaddexp),
         ("where", lambda a, b: torch.where(a > b, a * 2, b)), ("where_one_side", lambda a, b: torch.where(a > 0, a, 0.0)),
         ("fmod", lambda a, b: torch.fmod(a, b.abs() + 0.5)), ("remainder", lambda a, b: torch.remainder(a, b.abs() + 0.5)),
+        ("nextafter", torch.nextafter),
         ("div_floor", lambda a, b: torch.div(a, b.abs() + 1, rounding_mode="floor") + a),
         ("div_scalar_no_mode", lambda a, b: torch.ops.aten.div.Scalar_mode(a, 3.0, rounding_mode=None) + b),
         ("div_tensor_no_mode", lambda a, b: torch.ops.aten.div.Tensor_mode(a, b.abs() + 1, rounding_mode=None)),
