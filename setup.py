@@ -17,8 +17,9 @@ setup(
         "torch_fwd.rules": "rules",
         "torch_fwd.triton_kernels": "triton_kernels",
     },
-    # CI tests 2.13.0 (its CPU build) and 2.14.1 (.ci/run); later 2.x releases are accepted.
-    install_requires=["torch>=2.13.0"],
+    # The releases CI tests (.ci/run): 2.12.0, 2.13.0 (its CPU build) and 2.14.1. What differs
+    # between them is detected by feature in torch_fwd/compat.py and beside the code that needs it.
+    install_requires=["torch>=2.12.0,<2.15"],
     # torch.compile(f, backend="torch_fwd") finds the backend here, without importing torch_fwd
     entry_points={"torch_dynamo_backends": ["torch_fwd = torch_fwd.backend:torch_fwd_backend"]},
     extras_require={
