@@ -99,15 +99,7 @@ class Dual(torch.Tensor):
                             f"Duals of lower levels (level {level} here)")
         if not isinstance(primal, torch.Tensor):
             raise TypeError(f"Dual: primal must be a Tensor, got {type(primal).__name__}")
-        r = torch.Tensor._make_wrapper_subclass(
-            cls, primal.size(), strides=primal.stride(), storage_offset=primal.storage_offset(),
-            dtype=primal.dtype, layout=primal.layout, device=primal.device, requires_grad=False)
-        r.primal = primal
-        r._tangent = tangent
-        r._view_of = _view_of
-        r._chunk = chunk if chunk is not None else (tangent.shape[0] if tangent is not None else None)
-        r._level = level
-        return r
+        return Dual._checked_by_caller(primal, tangent, chunk, level, _view_of)
 
     @staticmethod
     def _checked_by_caller(primal, tangent, chunk, level, view_of=None):
