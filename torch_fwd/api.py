@@ -15,7 +15,7 @@ from .backend import (compiled_regions, graph_regions_backend, jvp_patches, quie
 from .capture import (TRACE_LOCK, CaptureFailed, GuardedCapture, NestedJvpUnderDynamo, ensure_compiler_imported,
                       guard_settings, regions_settings, to_aten)
 from .distributed import fsdp_hooks_on_duals
-from .dual import Dual, UntrackedWrite, breaking_untracked_writes, on_dynamo_use, run_with_duals
+from .dual import Dual, UntrackedWrite, breaking_untracked_writes, is_dtensor, on_dynamo_use, run_with_duals
 from .tangent import restride_through_storage, shares_storage, zeros_tangent
 from .engine import building_for_autograd
 from .transform import build_jvp_graph
@@ -208,7 +208,7 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
     else:
         flat_p, flat_t, spec, chunk = _check(primals, tangents, chunked)
         nested = _inside_another_transform(flat_p, flat_t)
-    dtensors = path != "eager" and any(_is_dtensor(x) for x in flat_p)
+    dtensors = path != "eager" and any(is_dtensor(x) for x in flat_p)
     if dtensors:
         if path == "graph" or compile_opts is not None:
             raise ValueError(f"jvp: DTensor primals run on the eager path (their tangents are carried inside "
@@ -276,10 +276,6 @@ def jvp(func, primals, tangents, *, has_aux=False, chunked=False, path="auto", c
 # ---------------------------------------------------------------------------------------
 
 _COMPILE_KEYS = ("fullgraph", "mode", "options", "dynamic")
-
-
-def _is_dtensor(x) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
 
 
 def _compile_options(func, compile, path):

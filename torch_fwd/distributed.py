@@ -29,7 +29,7 @@ import zlib
 import torch
 import torch.nn as nn
 
-from .dual import Dual, outside_modes
+from .dual import Dual, is_dtensor, outside_modes
 
 __all__ = ["fsdp_hooks_on_duals", "parameter_tangents", "fsdp_owners", "full_tangent", "sharded_parameter", "check_same_on_ranks"]
 
@@ -222,7 +222,7 @@ def _plain_inside_duals(tree):
 def _attach(fsdp_module):
     for m, attr, carrier in (_run.tangents or {}).get(fsdp_module, ()):
         p = m._parameters.get(attr)
-        if p is None or isinstance(p, Dual) or _is_dtensor(p):
+        if p is None or isinstance(p, Dual) or is_dtensor(p):
             raise RuntimeError(f"torch_fwd: FSDP2 did not gather parameter {attr!r} of {type(m).__name__} before "
                                f"the forward (it is a {type(p).__name__}); its tangent cannot be attached")
         t = carrier.tangent
@@ -262,10 +262,6 @@ def parameter_tangents(entries):
         _run.tangents = prev
 
 
-def _is_dtensor(x) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
-
-
 def fsdp_module_class():
     """``torch.distributed.fsdp.FSDPModule``, or None where this torch has no FSDP2."""
     if not torch.distributed.is_available():
@@ -301,7 +297,7 @@ def sharded_parameter(m: nn.Module, attr: str):
     """The sharded parameter (a DTensor) FSDP2 keeps for ``m.<attr>``, also while the
     module holds the gathered one; None where it is not found."""
     p = m._parameters.get(attr)
-    if _is_dtensor(p):
+    if is_dtensor(p):
         return p
     for state in _fsdp_states():
         for group in getattr(state, "_fsdp_param_groups", ()):
@@ -320,7 +316,7 @@ def full_tangent(name: str, m: nn.Module, attr: str, t, chunked: bool):
     if sharded is None:
         raise RuntimeError(f"torch_fwd: the sharded form of FSDP2 parameter {name!r} was not found")
     full_shape = tuple(sharded.shape)
-    if _is_dtensor(t):
+    if is_dtensor(t):
         if chunked:
             raise ValueError(f"JVP: param_tangents[{name!r}] is a DTensor, which chunked=True does not take: "
                              f"pass the K tangents as a full tensor of shape (K, *{full_shape})")
@@ -340,14 +336,19 @@ def full_tangent(name: str, m: nn.Module, attr: str, t, chunked: bool):
     return t
 
 
-def check_same_on_ranks(group, what: str, structure) -> None:
-    """Raise on every rank unless ``structure`` (a repr-able description of what this rank
-    passes) is the same on every rank of ``group``: with FSDP2 a rank passing other
-    tangents would enter other collectives and hang. One all-reduce of two integers."""
+def check_same_on_ranks(mesh, what: str, tangents: dict) -> None:
+    """Raise on every rank unless ``tangents`` (name -> tangent or None) are of the same
+    kinds, shapes, dtypes and placements on every rank of ``mesh``: a rank passing other
+    tangents would enter other collectives and hang. One all-reduce of two integers per
+    mesh dimension."""
     import torch.distributed as dist
+    structure = [(n, type(t).__name__, tuple(t.shape) if isinstance(t, torch.Tensor) else None,
+                  str(t.dtype) if isinstance(t, torch.Tensor) else None,
+                  tuple(map(str, t.placements)) if hasattr(t, "placements") else None) for n, t in tangents.items()]
     h = zlib.crc32(repr(structure).encode())
-    pair = torch.tensor([h, -h], dtype=torch.int64)
-    dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=group)
-    if int(pair[0]) != h or int(pair[1]) != -h:
-        raise ValueError(f"JVP: the ranks pass different {what} (this rank, {dist.get_rank()}: {structure}); "
-                         f"every rank must pass tangents for the same parameters, of the same kinds and shapes")
+    for dim in range(mesh.ndim):
+        pair = torch.tensor([h, -h], dtype=torch.int64)
+        dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=mesh.get_group(dim))
+        if int(pair[0]) != h or int(pair[1]) != -h:
+            raise ValueError(f"JVP: the ranks pass different {what} (this rank, {dist.get_rank()}: {structure}); "
+                             f"every rank must pass tangents for the same parameters, of the same kinds and shapes")

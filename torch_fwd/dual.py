@@ -280,6 +280,12 @@ def _dtensor_class():
     return getattr(mod, "DTensor", None) if mod is not None else None
 
 
+def is_dtensor(x) -> bool:
+    """Whether ``x`` is a DTensor (without importing torch.distributed)."""
+    cls = _dtensor_class()
+    return cls is not None and isinstance(x, cls)
+
+
 def _outer_subclass(types, args=(), kwargs=None) -> bool:
     """Whether an op's arguments include a DTensor: DTensor's own dispatch runs it first
     (returning NotImplemented hands it the op), and runs the op again on its local

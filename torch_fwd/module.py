@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.func import functional_call
 
+from .dual import is_dtensor
 from .distributed import check_same_on_ranks, fsdp_owners, full_tangent, parameter_tangents, sharded_parameter
 
 from .api import jvp
@@ -129,15 +130,15 @@ class JVP(nn.Module):
             if unknown:
                 raise ValueError(f"JVP: param_tangents has names that are not differentiated here: {unknown}")
             k = self._chunk_of(list(param_tangents.values()) + input_tangents)
-            dtensors = [n for n in names if _is_dtensor(params[n])]
+            dtensors = [n for n in names if is_dtensor(params[n])]
             if dtensors:  # tensor parallel: mismatched tangents would desynchronize collectives
-                _same_on_ranks(params[dtensors[0]].device_mesh, "tangents",
-                               _structure({**{f"input {i}": t for i, t in enumerate(input_tangents)},
-                                           **{n: param_tangents.get(n) for n in names}}))
+                check_same_on_ranks(params[dtensors[0]].device_mesh, "tangents",
+                                    {**{f"input {i}": t for i, t in enumerate(input_tangents)},
+                                     **{n: param_tangents.get(n) for n in names}})
             for n in names:
                 p = params[n]
                 t = param_tangents.get(n)
-                if t is None and _is_dtensor(p):  # zeros in p's placements (no collective)
+                if t is None and is_dtensor(p):  # zeros in p's placements (no collective)
                     t = torch.zeros_like(p)
                     t = t.unsqueeze(0).repeat((k,) + (1,) * p.dim()) if self.chunked else t
                 elif t is None:
@@ -215,7 +216,7 @@ def _sharded_tangents(names, owners, param_tangents, chunked, k):
     if not names:
         return {}
     given = {n: param_tangents.get(n) for n in names}
-    _same_on_ranks(sharded_parameter(*owners[names[0]][1:]).device_mesh, "param_tangents", _structure(given))
+    check_same_on_ranks(sharded_parameter(*owners[names[0]][1:]).device_mesh, "param_tangents", given)
     full = {}
     for n, t in given.items():
         _, m, attr = owners[n]
@@ -227,19 +228,3 @@ def _sharded_tangents(names, owners, param_tangents, chunked, k):
         full[n] = t
     return full
 
-
-def _structure(tangents):
-    """What a rank passes, for comparing across ranks: per entry its kind, shape, dtype and
-    placements (None where no tangent is given)."""
-    return [(n, type(t).__name__, tuple(t.shape) if isinstance(t, torch.Tensor) else None,
-             str(t.dtype) if isinstance(t, torch.Tensor) else None,
-             tuple(map(str, t.placements)) if hasattr(t, "placements") else None) for n, t in tangents.items()]
-
-
-def _same_on_ranks(mesh, what, structure):
-    for dim in range(mesh.ndim):
-        check_same_on_ranks(mesh.get_group(dim), what, structure)
-
-
-def _is_dtensor(x) -> bool:
-    return type(x).__name__ == "DTensor" and hasattr(x, "placements")
